@@ -1,0 +1,123 @@
+"""Map a `llama` GGUF file onto `LlamaParams`, losslessly: quantized blocks stay packed, nothing is requantized."""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from hyperjax.errors import GGUFError, UnsupportedTensorTypeError
+from hyperjax.io.gguf import GGUFFile, GGUFTensor, read_gguf
+from hyperjax.kernels.quant import QuantizedTensor, from_gguf_blocks
+from hyperjax.models.llama import LayerParams, LlamaConfig, LlamaParams, Weight
+
+SUPPORTED_ARCHITECTURES = ("llama",)
+_QUANTIZED = {"Q4_0": "q4_0", "Q4_1": "q4_1", "Q8_0": "q8_0"}
+_LAYER_TENSORS = {
+    "attn_norm": "attn_norm.weight",
+    "wq": "attn_q.weight",
+    "wk": "attn_k.weight",
+    "wv": "attn_v.weight",
+    "wo": "attn_output.weight",
+    "ffn_norm": "ffn_norm.weight",
+    "w_gate": "ffn_gate.weight",
+    "w_up": "ffn_up.weight",
+    "w_down": "ffn_down.weight",
+}
+
+
+def _tensor(gguf: GGUFFile, name: str) -> GGUFTensor:
+    try:
+        return gguf.tensors[name]
+    except KeyError:
+        raise GGUFError(f"{gguf.path}: tensor '{name}' is missing") from None
+
+
+def _check_shape(tensor: GGUFTensor, expected: tuple[int, ...], path: os.PathLike) -> None:
+    if tuple(tensor.shape) != expected:
+        raise GGUFError(f"{path}: tensor '{tensor.name}' has shape {tuple(tensor.shape)}, expected {expected}")
+
+
+def _host_weight(tensor: GGUFTensor) -> QuantizedTensor | np.ndarray:
+    """The tensor as host arrays (packed blocks or a float vector/matrix), still backed by the file map."""
+    if tensor.ggml_type in _QUANTIZED:
+        return from_gguf_blocks(tensor.data, _QUANTIZED[tensor.ggml_type], tuple(tensor.shape))
+    if tensor.ggml_type in ("F32", "F16"):
+        return np.asarray(tensor.data)
+    raise UnsupportedTensorTypeError(f"tensor '{tensor.name}' has unsupported type {tensor.ggml_type}")
+
+
+def _norm_vector(tensor: GGUFTensor, dim: int, path: os.PathLike) -> np.ndarray:
+    _check_shape(tensor, (dim,), path)
+    return np.asarray(tensor.data, dtype=np.float32)
+
+
+def _stack(weights: list[QuantizedTensor | np.ndarray], role: str, path: os.PathLike) -> Weight:
+    """Stack per-layer weights along a new leading axis (one device buffer per role)."""
+    first = weights[0]
+    if isinstance(first, QuantizedTensor):
+        kinds = {w.kind if isinstance(w, QuantizedTensor) else "float" for w in weights}
+        if len(kinds) != 1:
+            raise UnsupportedTensorTypeError(
+                f"{path}: layers mix tensor types {sorted(kinds)} for '{role}'; hyperjax needs one type per role"
+            )
+        return jax.tree.map(lambda *leaves: jnp.asarray(np.stack(leaves)), *weights)
+    if any(isinstance(w, QuantizedTensor) for w in weights):
+        raise UnsupportedTensorTypeError(f"{path}: layers mix float and quantized tensors for '{role}'")
+    return jnp.asarray(np.stack(weights))
+
+
+def params_from_gguf(gguf: GGUFFile) -> tuple[LlamaConfig, LlamaParams]:
+    """Config and packed parameters of a llama GGUF; raises GGUFError on a missing or misshapen tensor."""
+    path = gguf.path
+    embed_tensor = _tensor(gguf, "token_embd.weight")
+    if len(embed_tensor.shape) != 2:
+        raise GGUFError(f"{path}: token_embd.weight must be 2-D, got shape {tuple(embed_tensor.shape)}")
+    config = LlamaConfig.from_gguf_metadata(gguf.metadata, vocab_size=int(embed_tensor.shape[0]))
+    e, hd = config.dim, config.head_dim
+    _check_shape(embed_tensor, (config.vocab_size, e), path)
+    expected = {
+        "wq": (config.n_heads * hd, e),
+        "wk": (config.n_kv_heads * hd, e),
+        "wv": (config.n_kv_heads * hd, e),
+        "wo": (e, config.n_heads * hd),
+        "w_gate": (config.ffn_dim, e),
+        "w_up": (config.ffn_dim, e),
+        "w_down": (e, config.ffn_dim),
+    }
+    per_role: dict[str, list] = {role: [] for role in _LAYER_TENSORS}
+    for layer in range(config.n_layers):
+        for role, suffix in _LAYER_TENSORS.items():
+            tensor = _tensor(gguf, f"blk.{layer}.{suffix}")
+            if role in expected:
+                _check_shape(tensor, expected[role], path)
+                per_role[role].append(_host_weight(tensor))
+            else:
+                per_role[role].append(_norm_vector(tensor, e, path))
+    layers = LayerParams(**{role: _stack(ws, role, path) for role, ws in per_role.items()})
+
+    def device_weight(tensor: GGUFTensor) -> Weight:
+        host = _host_weight(tensor)
+        return jax.tree.map(jnp.asarray, host) if isinstance(host, QuantizedTensor) else jnp.asarray(host)
+
+    output = None
+    if "output.weight" in gguf.tensors:
+        output_tensor = gguf.tensors["output.weight"]
+        _check_shape(output_tensor, (config.vocab_size, e), path)
+        output = device_weight(output_tensor)
+    params = LlamaParams(
+        embed=device_weight(embed_tensor),
+        layers=layers,
+        final_norm=jnp.asarray(_norm_vector(_tensor(gguf, "output_norm.weight"), e, path)),
+        output=output,
+    )
+    return config, params
+
+
+def load_llama(path: str | os.PathLike) -> tuple[GGUFFile, LlamaConfig, LlamaParams]:
+    """Read a llama GGUF file: its header, config and packed parameters."""
+    gguf = read_gguf(path, architectures=SUPPORTED_ARCHITECTURES)
+    config, params = params_from_gguf(gguf)
+    return gguf, config, params
