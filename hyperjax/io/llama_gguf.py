@@ -49,24 +49,20 @@ def _host_weight(tensor: GGUFTensor) -> QuantizedTensor | np.ndarray:
     raise UnsupportedTensorTypeError(f"tensor '{tensor.name}' has unsupported type {tensor.ggml_type}")
 
 
-def _norm_vector(tensor: GGUFTensor, dim: int, path: os.PathLike) -> np.ndarray:
-    _check_shape(tensor, (dim,), path)
-    return np.asarray(tensor.data, dtype=np.float32)
-
-
-def _stack(weights: list[QuantizedTensor | np.ndarray], role: str, path: os.PathLike) -> Weight:
-    """Stack per-layer weights along a new leading axis (one device buffer per role)."""
-    first = weights[0]
-    if isinstance(first, QuantizedTensor):
-        kinds = {w.kind if isinstance(w, QuantizedTensor) else "float" for w in weights}
-        if len(kinds) != 1:
-            raise UnsupportedTensorTypeError(
-                f"{path}: layers mix tensor types {sorted(kinds)} for '{role}'; hyperjax needs one type per role"
-            )
-        return jax.tree.map(lambda *leaves: jnp.asarray(np.stack(leaves)), *weights)
-    if any(isinstance(w, QuantizedTensor) for w in weights):
-        raise UnsupportedTensorTypeError(f"{path}: layers mix float and quantized tensors for '{role}'")
-    return jnp.asarray(np.stack(weights))
+def _stack(tensors: list[GGUFTensor], role: str, path: os.PathLike) -> Weight:
+    """Stack one role's per-layer tensors along a new leading axis, filled layer by layer into one host buffer."""
+    types = {t.ggml_type for t in tensors}
+    if len(types) != 1:
+        raise UnsupportedTensorTypeError(
+            f"{path}: layers mix tensor types {sorted(types)} for '{role}'; hyperjax needs one type per role"
+        )
+    first = _host_weight(tensors[0])
+    leaves, treedef = jax.tree.flatten(first)
+    stacked = [np.empty((len(tensors), *leaf.shape), leaf.dtype) for leaf in leaves]
+    for i, tensor in enumerate(tensors):
+        for buffer, leaf in zip(stacked, jax.tree.leaves(_host_weight(tensor)), strict=True):
+            buffer[i] = leaf
+    return jax.tree.unflatten(treedef, [jnp.asarray(buffer) for buffer in stacked])
 
 
 def params_from_gguf(gguf: GGUFFile) -> tuple[LlamaConfig, LlamaParams]:
@@ -91,11 +87,8 @@ def params_from_gguf(gguf: GGUFFile) -> tuple[LlamaConfig, LlamaParams]:
     for layer in range(config.n_layers):
         for role, suffix in _LAYER_TENSORS.items():
             tensor = _tensor(gguf, f"blk.{layer}.{suffix}")
-            if role in expected:
-                _check_shape(tensor, expected[role], path)
-                per_role[role].append(_host_weight(tensor))
-            else:
-                per_role[role].append(_norm_vector(tensor, e, path))
+            _check_shape(tensor, expected.get(role, (e,)), path)
+            per_role[role].append(tensor)
     layers = LayerParams(**{role: _stack(ws, role, path) for role, ws in per_role.items()})
 
     def device_weight(tensor: GGUFTensor) -> Weight:
@@ -110,7 +103,7 @@ def params_from_gguf(gguf: GGUFFile) -> tuple[LlamaConfig, LlamaParams]:
     params = LlamaParams(
         embed=device_weight(embed_tensor),
         layers=layers,
-        final_norm=jnp.asarray(_norm_vector(_tensor(gguf, "output_norm.weight"), e, path)),
+        final_norm=jnp.asarray(_host_weight(_tensor(gguf, "output_norm.weight")), jnp.float32),
         output=output,
     )
     return config, params
