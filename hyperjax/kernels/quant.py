@@ -97,16 +97,17 @@ def take_rows(qt: QuantizedTensor, ids: jax.Array) -> jax.Array:
 def qmatmul(x: jax.Array, qt: QuantizedTensor) -> jax.Array:
     """x (..., cols) float → (..., rows) float32, equal to x @ dequantize(qt).T.
 
-    Few activation rows (decode): per-block dot products against the integer-valued quants, contracted over each
-    block, then y = Σ_b d_b·(q·x)_b (+ m_b·Σ_b x for q4_1); XLA keeps this near its float32 matvec speed. Many rows
-    (prefill): dequantize once and use the GEMM.
+    4-bit, few activation rows (decode): per-block dot products against the integer-valued quants, then
+    y = Σ_b d_b·(q·x)_b (+ m_b·Σ_b x for q4_1), about 2× XLA's float32 matvec. Many rows (prefill), and Q8_0 at any
+    batch: dequantize-then-dot, which XLA:CPU fuses into its matvec for Q8_0 (no float matrix is written) and turns
+    into a fast GEMM for prefill.
     """
     rows, cols = qt.shape
     if x.shape[-1] != cols:
         raise QuantizationError(f"activation width {x.shape[-1]} does not match weight columns {cols}")
     lead = x.shape[:-1]
     x2 = x.reshape(-1, cols).astype(jnp.float32)
-    if x2.shape[0] >= _GEMM_MIN_ROWS:
+    if x2.shape[0] >= _GEMM_MIN_ROWS or qt.kind == "q8_0":
         y = x2 @ dequantize(qt).T
     else:
         xb = x2.reshape(x2.shape[0], cols // qt.group_size, qt.group_size)

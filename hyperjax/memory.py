@@ -1,0 +1,72 @@
+"""Where memory goes: process RSS (current and peak), bytes of weights by format, JAX's live buffers."""
+
+from __future__ import annotations
+
+import resource
+import sys
+from collections import defaultdict
+from typing import Any
+
+import jax
+import numpy as np
+import psutil
+
+from hyperjax.kernels.quant import QuantizedTensor
+
+
+def current_rss_bytes() -> int:
+    """Resident set size of this process now."""
+    return psutil.Process().memory_info().rss
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident set size of this process since it started."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024
+
+
+def live_buffer_bytes() -> int:
+    """Bytes held by live JAX arrays on every device."""
+    return sum(a.nbytes for a in jax.live_arrays())
+
+
+def _format_of(leaf: Any) -> str:
+    if isinstance(leaf, QuantizedTensor):
+        return leaf.kind
+    return str(np.dtype(leaf.dtype))
+
+
+def weight_bytes_by_format(params: Any) -> dict[str, dict[str, int]]:
+    """{format: {"tensors": n, "params": elements, "bytes": bytes held}} over a parameter pytree.
+
+    A `QuantizedTensor` counts its packed nibbles, scales and minimums exactly; layer stacks count every layer.
+    """
+    totals: dict[str, dict[str, int]] = defaultdict(lambda: {"tensors": 0, "params": 0, "bytes": 0})
+    leaves = jax.tree.leaves(params, is_leaf=lambda x: isinstance(x, QuantizedTensor))
+    for leaf in leaves:
+        entry = totals[_format_of(leaf)]
+        if isinstance(leaf, QuantizedTensor):
+            layers = leaf.packed.shape[0] if leaf.packed.ndim == 3 else 1
+            rows, cols = leaf.shape
+            entry["tensors"] += layers
+            entry["params"] += layers * rows * cols
+            entry["bytes"] += sum(x.nbytes for x in jax.tree.leaves(leaf))
+        else:
+            entry["tensors"] += 1
+            entry["params"] += int(np.prod(leaf.shape))
+            entry["bytes"] += leaf.nbytes
+    return dict(totals)
+
+
+def memory_report(params: Any | None = None) -> dict[str, Any]:
+    """A JSON-ready snapshot: RSS now and at peak, JAX live-buffer total, and weights by format."""
+    report: dict[str, Any] = {
+        "rss_bytes": current_rss_bytes(),
+        "peak_rss_bytes": peak_rss_bytes(),
+        "jax_live_buffer_bytes": live_buffer_bytes(),
+    }
+    if params is not None:
+        by_format = weight_bytes_by_format(params)
+        report["weights_by_format"] = by_format
+        report["weight_bytes"] = sum(v["bytes"] for v in by_format.values())
+    return report
