@@ -1,0 +1,5 @@
+"""`python -m hyperjax` runs the command line."""
+
+from hyperjax.cli import main
+
+main()
