@@ -92,14 +92,16 @@ def weights_bytes_of(tree) -> int:
 
 
 def child_llama_cpp(args: argparse.Namespace) -> dict:
+    import resource
+
     from llama_cpp import Llama
 
     from hyperjax.io.registry import ensure_model
-    from hyperjax.memory import peak_rss_bytes
 
     path = str(ensure_model(args.model))
     t0 = time.perf_counter()
-    llm = Llama(path, n_ctx=1024, n_threads=args.threads, n_threads_batch=args.threads, verbose=False)
+    threads = args.threads[0]
+    llm = Llama(path, n_ctx=1024, n_threads=threads, n_threads_batch=threads, verbose=False)
     load_s = time.perf_counter() - t0
     short = llm.tokenize(SHORT_PROMPT.encode(), add_bos=False, special=True)
     t0 = time.perf_counter()
@@ -128,7 +130,7 @@ def child_llama_cpp(args: argparse.Namespace) -> dict:
             prefill_tokens=len(long_ids),
             weight_bytes_per_token=os.path.getsize(path),
         )
-    out["peak_rss_bytes"] = peak_rss_bytes()
+    out["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # without jax imported
     return out
 
 
