@@ -11,16 +11,22 @@ from typing import Any
 import jax
 import numpy as np
 
-from hyperjax.errors import InvalidPromptError
+from hyperjax.errors import HyperjaxError, InvalidPromptError
 from hyperjax.generate import GenerationResult, generate_tokens, plan_capacity
-from hyperjax.io.gguf import GGUFFile, describe
-from hyperjax.io.llama_gguf import load_llama
+from hyperjax.io.gguf import GGUFFile, describe, read_gguf
+from hyperjax.io.layer_store import LayerStore, parse_bytes, tree_nbytes
+from hyperjax.io.llama_gguf import (
+    SUPPORTED_ARCHITECTURES,
+    check_layer_shapes,
+    params_from_gguf,
+    resident_params_from_gguf,
+)
 from hyperjax.io.registry import ensure_model, hyperjax_home
 from hyperjax.io.tokenizer import Tokenizer
 from hyperjax.kernels.sampling import SamplingConfig
 from hyperjax.memory import memory_report
-from hyperjax.models.llama import LlamaConfig, LlamaParams, dequantize_params, init_cache
-from hyperjax.models.llama_runtime import LlamaDecoder
+from hyperjax.models.llama import LlamaConfig, LlamaParams, dequantize_params
+from hyperjax.models.llama_runtime import LlamaDecoder, StreamingLlamaDecoder
 
 Messages = Sequence[dict[str, str]]
 
@@ -37,13 +43,24 @@ def enable_compilation_cache() -> None:
 class Model:
     """A loaded language model: packed weights, tokenizer, and generation."""
 
-    def __init__(self, gguf: GGUFFile, config: LlamaConfig, params: LlamaParams, tokenizer: Tokenizer):
+    def __init__(
+        self,
+        gguf: GGUFFile,
+        config: LlamaConfig,
+        params: LlamaParams,
+        tokenizer: Tokenizer,
+        layer_store: LayerStore | None = None,
+    ):
         self.gguf = gguf
         self.config = config
         self.params = params
         self.tokenizer = tokenizer
+        self.layer_store = layer_store
         self.load_seconds = 0.0
-        self.decoder = LlamaDecoder(config, params, tokenizer.eot_ids, tokenizer.token_bytes)
+        if layer_store is None:
+            self.decoder = LlamaDecoder(config, params, tokenizer.eot_ids, tokenizer.token_bytes)
+        else:
+            self.decoder = StreamingLlamaDecoder(config, params, layer_store, tokenizer.eot_ids, tokenizer.token_bytes)
 
     @property
     def path(self) -> os.PathLike:
@@ -67,7 +84,7 @@ class Model:
         if len(tokens) > self.config.context_length:
             raise InvalidPromptError(f"{len(tokens)} tokens exceed the context of {self.config.context_length}")
         capacity, _ = plan_capacity(len(tokens) - 1, 1, self.config.context_length)
-        logits, _ = self.decoder.run(tokens, 0, init_cache(self.config, 1, capacity), all_logits=True)
+        logits, _ = self.decoder.run(tokens, 0, self.decoder.new_cache(capacity), all_logits=True)
         return np.asarray(logits)
 
     def generate(
@@ -115,6 +132,8 @@ class Model:
 
     def to_float32(self) -> Model:
         """The same model with every weight dequantized to float32 once (4 bytes per weight; for comparison)."""
+        if self.layer_store is not None:
+            raise HyperjaxError("a model streamed under a memory budget has no in-memory float32 twin")
         twin = Model(self.gguf, self.config, dequantize_params(self.params), self.tokenizer)
         twin.load_seconds = self.load_seconds
         return twin
@@ -122,23 +141,48 @@ class Model:
     def info(self) -> dict[str, Any]:
         """Architecture, hyper-parameters, tensors by type (file), weights by format (memory) and RSS."""
         summary = describe(self.gguf)
+        memory = memory_report(self.params)
+        if self.layer_store is not None:
+            store = self.layer_store
+            memory |= {
+                "memory_budget_bytes": store.budget_bytes,
+                "resident_weight_bytes_peak": store.peak_resident_bytes,
+                "layer_loads": store.loads,
+            }
         return {
             "path": str(self.path),
             "name": self.gguf.get("general.name", None),
             "config": {k: getattr(self.config, k) for k in self.config.__dataclass_fields__},
             "file": summary,
-            "memory": memory_report(self.params),
+            "memory": memory,
             "load_seconds": self.load_seconds,
         }
 
 
-def load(name_or_path: str | os.PathLike | None = None, *, progress: bool = False) -> Model:
-    """Load a registered model by name (fetched on first use) or any supported GGUF file by path."""
+def load(
+    name_or_path: str | os.PathLike | None = None,
+    *,
+    progress: bool = False,
+    memory_budget: int | str | None = None,
+) -> Model:
+    """Load a registered model by name (fetched on first use) or any supported GGUF file by path.
+
+    With `memory_budget` (bytes, or a size such as "64MB"), decoder blocks stay in the file and stream in on demand,
+    least-recently-used evicted, so the weights resident at once stay under the budget; the output is the same.
+    """
     enable_compilation_cache()
     t0 = time.perf_counter()
     path = ensure_model(name_or_path, progress=progress)
-    gguf, config, params = load_llama(path)
+    gguf = read_gguf(path, architectures=SUPPORTED_ARCHITECTURES)
     tokenizer = Tokenizer.from_gguf_metadata(gguf.metadata)
-    model = Model(gguf, config, params, tokenizer)
+    if memory_budget is None:
+        config, params = params_from_gguf(gguf)
+        model = Model(gguf, config, params, tokenizer)
+    else:
+        budget = parse_bytes(memory_budget) if isinstance(memory_budget, str) else int(memory_budget)
+        config, params = resident_params_from_gguf(gguf)
+        check_layer_shapes(gguf, config)
+        store = LayerStore(gguf, config.n_layers, budget, fixed_bytes=tree_nbytes(params))
+        model = Model(gguf, config, params, tokenizer, store)
     model.load_seconds = time.perf_counter() - t0
     return model

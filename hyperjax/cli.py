@@ -44,12 +44,16 @@ def generate(
     chat: Annotated[bool, typer.Option("--chat", help="Wrap the prompt in the model's chat template.")] = False,
     stream: Annotated[bool, typer.Option("--stream/--no-stream", help="Print text as it is produced.")] = True,
     stats: Annotated[bool, typer.Option("--stats", help="Also print memory by weight format.")] = False,
+    memory_budget: Annotated[
+        str | None,
+        typer.Option("--memory-budget", help="Stream decoder blocks from the file to keep weights under e.g. 64MB."),
+    ] = None,
 ) -> None:
     """Generate text from PROMPT with a quantized model, then print speed and memory."""
     from hyperjax.api import load
-    from hyperjax.memory import memory_report, peak_rss_bytes
+    from hyperjax.memory import peak_rss_bytes
 
-    llm = load(model, progress=True)
+    llm = load(model, progress=True, memory_budget=memory_budget)
 
     def on_text(piece: str) -> None:
         sys.stdout.write(piece)
@@ -80,7 +84,7 @@ def generate(
         soft_wrap=True,
     )
     if stats:
-        _print_memory(memory_report(llm.params))
+        _print_memory(llm.info()["memory"])
 
 
 def _print_memory(report: dict) -> None:
@@ -95,6 +99,11 @@ def _print_memory(report: dict) -> None:
         f"RSS {_mib(report['rss_bytes'])} · peak RSS {_mib(report['peak_rss_bytes'])} · "
         f"JAX live buffers {_mib(report['jax_live_buffer_bytes'])}"
     )
+    if "memory_budget_bytes" in report:
+        err.print(
+            f"memory budget {_mib(report['memory_budget_bytes'])} · weights resident at peak "
+            f"{_mib(report['resident_weight_bytes_peak'])} · {report['layer_loads']} block loads from the file"
+        )
 
 
 @app.command()

@@ -9,13 +9,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from hyperjax.errors import GGUFError, UnsupportedTensorTypeError
-from hyperjax.io.gguf import GGUFFile, GGUFTensor, read_gguf
+from hyperjax.io.gguf import GGUFFile, GGUFTensor
 from hyperjax.kernels.quant import QuantizedTensor, from_gguf_blocks
 from hyperjax.models.llama import LayerParams, LlamaConfig, LlamaParams, Weight
 
 SUPPORTED_ARCHITECTURES = ("llama",)
 _QUANTIZED = {"Q4_0": "q4_0", "Q4_1": "q4_1", "Q8_0": "q8_0"}
-_LAYER_TENSORS = {
+LAYER_TENSORS = {
     "attn_norm": "attn_norm.weight",
     "wq": "attn_q.weight",
     "wk": "attn_k.weight",
@@ -40,7 +40,7 @@ def _check_shape(tensor: GGUFTensor, expected: tuple[int, ...], path: os.PathLik
         raise GGUFError(f"{path}: tensor '{tensor.name}' has shape {tuple(tensor.shape)}, expected {expected}")
 
 
-def _host_weight(tensor: GGUFTensor) -> QuantizedTensor | np.ndarray:
+def host_weight(tensor: GGUFTensor) -> QuantizedTensor | np.ndarray:
     """The tensor as host arrays (packed blocks or a float vector/matrix), still backed by the file map."""
     if tensor.ggml_type in _QUANTIZED:
         return from_gguf_blocks(tensor.data, _QUANTIZED[tensor.ggml_type], tuple(tensor.shape))
@@ -56,24 +56,46 @@ def _stack(tensors: list[GGUFTensor], role: str, path: os.PathLike) -> Weight:
         raise UnsupportedTensorTypeError(
             f"{path}: layers mix tensor types {sorted(types)} for '{role}'; hyperjax needs one type per role"
         )
-    first = _host_weight(tensors[0])
+    first = host_weight(tensors[0])
     leaves, treedef = jax.tree.flatten(first)
     stacked = [np.empty((len(tensors), *leaf.shape), leaf.dtype) for leaf in leaves]
     for i, tensor in enumerate(tensors):
-        for buffer, leaf in zip(stacked, jax.tree.leaves(_host_weight(tensor)), strict=True):
+        for buffer, leaf in zip(stacked, jax.tree.leaves(host_weight(tensor)), strict=True):
             buffer[i] = leaf
     return jax.tree.unflatten(treedef, [jnp.asarray(buffer) for buffer in stacked])
 
 
-def params_from_gguf(gguf: GGUFFile) -> tuple[LlamaConfig, LlamaParams]:
-    """Config and packed parameters of a llama GGUF; raises GGUFError on a missing or misshapen tensor."""
+def resident_params_from_gguf(gguf: GGUFFile) -> tuple[LlamaConfig, LlamaParams]:
+    """Config, and parameters without decoder blocks (`layers` is None): embedding, final norm, output head."""
     path = gguf.path
     embed_tensor = _tensor(gguf, "token_embd.weight")
     if len(embed_tensor.shape) != 2:
         raise GGUFError(f"{path}: token_embd.weight must be 2-D, got shape {tuple(embed_tensor.shape)}")
     config = LlamaConfig.from_gguf_metadata(gguf.metadata, vocab_size=int(embed_tensor.shape[0]))
+    _check_shape(embed_tensor, (config.vocab_size, config.dim), path)
+
+    def device_weight(tensor: GGUFTensor) -> Weight:
+        return jax.tree.map(jnp.asarray, host_weight(tensor))
+
+    output = None
+    if "output.weight" in gguf.tensors:
+        output_tensor = gguf.tensors["output.weight"]
+        _check_shape(output_tensor, (config.vocab_size, config.dim), path)
+        output = device_weight(output_tensor)
+    final_norm = _tensor(gguf, "output_norm.weight")
+    _check_shape(final_norm, (config.dim,), path)
+    params = LlamaParams(
+        embed=device_weight(embed_tensor),
+        layers=None,
+        final_norm=jnp.asarray(host_weight(final_norm), jnp.float32),
+        output=output,
+    )
+    return config, params
+
+
+def check_layer_shapes(gguf: GGUFFile, config: LlamaConfig) -> dict[str, list[GGUFTensor]]:
+    """Every decoder block's tensors, by role, after checking that each exists and has its expected shape."""
     e, hd = config.dim, config.head_dim
-    _check_shape(embed_tensor, (config.vocab_size, e), path)
     expected = {
         "wq": (config.n_heads * hd, e),
         "wk": (config.n_kv_heads * hd, e),
@@ -83,34 +105,18 @@ def params_from_gguf(gguf: GGUFFile) -> tuple[LlamaConfig, LlamaParams]:
         "w_up": (config.ffn_dim, e),
         "w_down": (e, config.ffn_dim),
     }
-    per_role: dict[str, list] = {role: [] for role in _LAYER_TENSORS}
+    per_role: dict[str, list[GGUFTensor]] = {role: [] for role in LAYER_TENSORS}
     for layer in range(config.n_layers):
-        for role, suffix in _LAYER_TENSORS.items():
+        for role, suffix in LAYER_TENSORS.items():
             tensor = _tensor(gguf, f"blk.{layer}.{suffix}")
-            _check_shape(tensor, expected.get(role, (e,)), path)
+            _check_shape(tensor, expected.get(role, (e,)), gguf.path)
             per_role[role].append(tensor)
-    layers = LayerParams(**{role: _stack(ws, role, path) for role, ws in per_role.items()})
-
-    def device_weight(tensor: GGUFTensor) -> Weight:
-        host = _host_weight(tensor)
-        return jax.tree.map(jnp.asarray, host) if isinstance(host, QuantizedTensor) else jnp.asarray(host)
-
-    output = None
-    if "output.weight" in gguf.tensors:
-        output_tensor = gguf.tensors["output.weight"]
-        _check_shape(output_tensor, (config.vocab_size, e), path)
-        output = device_weight(output_tensor)
-    params = LlamaParams(
-        embed=device_weight(embed_tensor),
-        layers=layers,
-        final_norm=jnp.asarray(_host_weight(_tensor(gguf, "output_norm.weight")), jnp.float32),
-        output=output,
-    )
-    return config, params
+    return per_role
 
 
-def load_llama(path: str | os.PathLike) -> tuple[GGUFFile, LlamaConfig, LlamaParams]:
-    """Read a llama GGUF file: its header, config and packed parameters."""
-    gguf = read_gguf(path, architectures=SUPPORTED_ARCHITECTURES)
-    config, params = params_from_gguf(gguf)
-    return gguf, config, params
+def params_from_gguf(gguf: GGUFFile) -> tuple[LlamaConfig, LlamaParams]:
+    """Config and packed parameters of a llama GGUF; raises GGUFError on a missing or misshapen tensor."""
+    config, resident = resident_params_from_gguf(gguf)
+    per_role = check_layer_shapes(gguf, config)
+    layers = LayerParams(**{role: _stack(ts, role, gguf.path) for role, ts in per_role.items()})
+    return config, LlamaParams(resident.embed, layers, resident.final_norm, resident.output)

@@ -92,7 +92,7 @@ class LayerParams:
 @dataclass(frozen=True)
 class LlamaParams:
     embed: Weight  # (V, E) token embeddings
-    layers: LayerParams  # stacked: leaves have a leading (n_layers,) axis
+    layers: LayerParams | None  # stacked: leaves have a leading (n_layers,) axis; None when streamed from disk
     final_norm: jax.Array  # (E,)
     output: Weight | None  # (V, E); None when tied to `embed`
 
@@ -193,6 +193,37 @@ def _block(
     return x, keys, values
 
 
+def positions_for(tokens: jax.Array, start: jax.Array, n_valid: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Absolute positions (B, T) of a call's tokens and the cache end (B,) after it."""
+    b, t = tokens.shape
+    positions = jnp.broadcast_to(start + jnp.arange(t, dtype=jnp.int32), (b, t))
+    return positions, jnp.full((b,), start + n_valid, dtype=jnp.int32)
+
+
+def block_forward(
+    config: LlamaConfig,
+    x: jax.Array,
+    layer: LayerParams,
+    keys: jax.Array,
+    values: jax.Array,
+    start: jax.Array,
+    n_valid: jax.Array,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """One decoder block for a call of T tokens at `start` (n_valid real): x (B, T, E), one layer's cache."""
+    positions, valid_end = positions_for(x[..., 0], start, n_valid)
+    return _block(config, x, layer, keys, values, start, positions, valid_end)
+
+
+def output_logits(
+    params: LlamaParams, config: LlamaConfig, x: jax.Array, n_valid: jax.Array, all_logits: bool
+) -> jax.Array:
+    """Final norm and output head: (B, T, V) for every position, or (B, V) for the last real one."""
+    if not all_logits:
+        x = jax.lax.dynamic_index_in_dim(x, n_valid - 1, axis=1, keepdims=False)
+    x = rms_norm(x, params.final_norm, config.norm_eps)
+    return linear(x, params.embed if params.output is None else params.output)
+
+
 def forward(
     params: LlamaParams,
     config: LlamaConfig,
@@ -208,22 +239,15 @@ def forward(
     tokens int32 (B, T), of which the first `n_valid` are real (the rest is bucket padding); start, n_valid int32
     scalars. Returns float32 logits (B, T, V) if `all_logits`, else (B, V) for the last real token, and the cache.
     """
-    b, t = tokens.shape
-    positions = jnp.broadcast_to(start + jnp.arange(t, dtype=jnp.int32), (b, t))
-    valid_end = jnp.full((b,), start + n_valid, dtype=jnp.int32)
     x = embed_tokens(params.embed, tokens)
 
     def step(x: jax.Array, layer_and_cache: tuple[LayerParams, jax.Array, jax.Array]):
         layer, keys, values = layer_and_cache
-        x, keys, values = _block(config, x, layer, keys, values, start, positions, valid_end)
+        x, keys, values = block_forward(config, x, layer, keys, values, start, n_valid)
         return x, (keys, values)
 
     x, (keys, values) = jax.lax.scan(step, x, (params.layers, cache.keys, cache.values))
-    if not all_logits:
-        x = jax.lax.dynamic_index_in_dim(x, n_valid - 1, axis=1, keepdims=False)
-    x = rms_norm(x, params.final_norm, config.norm_eps)
-    logits = linear(x, params.embed if params.output is None else params.output)
-    return logits, KVCache(keys, values, cache.length)
+    return output_logits(params, config, x, n_valid, all_logits), KVCache(keys, values, cache.length)
 
 
 def dequantize_params(params: LlamaParams) -> LlamaParams:

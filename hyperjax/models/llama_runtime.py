@@ -15,7 +15,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from hyperjax.models.llama import KVCache, LlamaConfig, LlamaParams, forward, init_cache
+from hyperjax.models.llama import (
+    KVCache,
+    LlamaConfig,
+    LlamaParams,
+    block_forward,
+    embed_tokens,
+    forward,
+    init_cache,
+    output_logits,
+)
 
 PREFILL_CHUNK = 256
 
@@ -76,10 +85,18 @@ class LlamaDecoder:
             bucket = prefill_bucket(len(chunk))
             padded = np.zeros((1, bucket), np.int32)
             padded[0, : len(chunk)] = chunk
-            fn = self._executable(bucket, cache.length, all_logits)
-            logits, cache = fn(self.params, padded, np.int32(start + offset), np.int32(len(chunk)), cache)
+            logits, cache = self._run_chunk(padded, start + offset, len(chunk), cache, all_logits)
             outputs.append(logits[0, : len(chunk)] if all_logits else logits[0])
         return (jnp.concatenate(outputs) if all_logits else outputs[-1]), cache
+
+    def _run_chunk(
+        self, tokens: np.ndarray, start: int, n_valid: int, cache: KVCache, all_logits: bool
+    ) -> tuple[jax.Array, KVCache]:
+        fn = self._executable(tokens.shape[1], cache.length, all_logits)
+        return fn(self.params, tokens, np.int32(start), np.int32(n_valid), cache)
+
+    def new_cache(self, capacity: int) -> KVCache:
+        return init_cache(self.config, 1, capacity)
 
     def prepare(self, prompt_len: int, capacity: int) -> None:
         """Compile (or fetch) every executable a generation of this size needs, before it is timed."""
@@ -89,9 +106,46 @@ class LlamaDecoder:
             self._executable(prefill_bucket(prompt_len - n), capacity, False)
 
     def prefill(self, prompt_ids: Sequence[int], capacity: int) -> tuple[jax.Array, KVCache]:
-        return self.run(prompt_ids, 0, init_cache(self.config, 1, capacity))
+        return self.run(prompt_ids, 0, self.new_cache(capacity))
 
     def step(self, state: KVCache, token: int, position: int) -> tuple[jax.Array, KVCache]:
-        fn = self._executable(1, state.length, False)
-        logits, cache = fn(self.params, np.array([[token]], np.int32), np.int32(position), np.int32(1), state)
+        logits, cache = self._run_chunk(np.array([[token]], np.int32), position, 1, state, False)
         return logits[0], cache
+
+
+_embed_jit = jax.jit(embed_tokens)
+_block_jit = jax.jit(block_forward, static_argnames=("config",), donate_argnames=("keys", "values"))
+_head_jit = jax.jit(output_logits, static_argnames=("config", "all_logits"))
+
+
+class StreamingLlamaDecoder(LlamaDecoder):
+    """A Llama decoder whose blocks stream from the file through a `LayerStore` (under a memory budget).
+
+    The arithmetic is the same `block_forward` as the in-memory decoder's, one jitted call per block; the cache is
+    a `KVCache` whose keys/values are tuples of per-layer arrays, so each block's slice is donated and updated in
+    place.
+    """
+
+    def __init__(self, config: LlamaConfig, resident: LlamaParams, store, stop_ids: frozenset[int], token_bytes):
+        super().__init__(config, resident, stop_ids, token_bytes)
+        self.store = store
+
+    def new_cache(self, capacity: int) -> KVCache:
+        shape = (1, capacity, self.config.n_kv_heads, self.config.head_dim)
+        layers = range(self.config.n_layers)
+        return KVCache(tuple(jnp.zeros(shape) for _ in layers), tuple(jnp.zeros(shape) for _ in layers), capacity)
+
+    def prepare(self, prompt_len: int, capacity: int) -> None:
+        self.last_timings = {"compile_seconds": 0.0}
+
+    def _run_chunk(
+        self, tokens: np.ndarray, start: int, n_valid: int, cache: KVCache, all_logits: bool
+    ) -> tuple[jax.Array, KVCache]:
+        start_, n_valid_ = np.int32(start), np.int32(n_valid)
+        x = _embed_jit(self.params.embed, tokens)
+        keys, values = list(cache.keys), list(cache.values)
+        for i in range(self.config.n_layers):
+            layer = self.store.get(i)
+            x, keys[i], values[i] = _block_jit(self.config, x, layer, keys[i], values[i], start_, n_valid_)
+        logits = _head_jit(self.params, self.config, x, n_valid_, all_logits)
+        return logits, KVCache(tuple(keys), tuple(values), cache.length)
