@@ -6,6 +6,7 @@ does not run, a tensor whose bytes disagree with its shape — becomes a named `
 
 from __future__ import annotations
 
+import mmap
 import os
 from collections import Counter
 from collections.abc import Collection, Mapping
@@ -150,6 +151,19 @@ def read_gguf(path: str | os.PathLike, *, architectures: Collection[str] | None 
             raise GGUFError(f"{path}: tensor '{info.name}' appears twice")
         gguf_file.tensors[info.name] = _tensor(path, info, file_size)
     return gguf_file
+
+
+def release_pages(tensor: GGUFTensor) -> None:
+    """Drop a tensor's file pages from this process's resident set once its bytes have been copied elsewhere.
+
+    The pages stay in the OS page cache, so a later read is a memory copy, not a disk read.
+    """
+    base = tensor.data
+    while base is not None and not isinstance(base, mmap.mmap):
+        base = getattr(base, "base", None)
+    if isinstance(base, mmap.mmap):
+        start = tensor.offset - tensor.offset % mmap.PAGESIZE
+        base.madvise(mmap.MADV_DONTNEED, start, tensor.offset + tensor.nbytes - start)
 
 
 def describe(gguf_file: GGUFFile) -> dict[str, Any]:

@@ -8,7 +8,6 @@ does not grow the process's resident set.
 
 from __future__ import annotations
 
-import mmap
 from collections import OrderedDict
 from typing import Any
 
@@ -17,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from hyperjax.errors import HyperjaxError
-from hyperjax.io.gguf import GGUFFile, GGUFTensor
+from hyperjax.io.gguf import GGUFFile, GGUFTensor, release_pages
 from hyperjax.io.llama_gguf import LAYER_TENSORS, host_weight
 from hyperjax.models.llama import LayerParams
 
@@ -76,21 +75,12 @@ class LayerStore:
     def _file_bytes(self, layer: int) -> int:
         return sum(t.nbytes for t in self._tensors(layer).values())
 
-    def _release_pages(self, tensor: GGUFTensor) -> None:
-        """Drop the file pages just copied from the process's resident set (they stay in the page cache)."""
-        base = tensor.data
-        while base is not None and not isinstance(base, mmap.mmap):
-            base = getattr(base, "base", None)
-        if isinstance(base, mmap.mmap):
-            start = tensor.offset - tensor.offset % mmap.PAGESIZE
-            base.madvise(mmap.MADV_DONTNEED, start, tensor.offset + tensor.nbytes - start)
-
     def _load(self, layer: int) -> LayerParams:
         weights = {}
         for role, tensor in self._tensors(layer).items():
             host = host_weight(tensor)
             weights[role] = jax.tree.map(lambda a: jnp.array(np.asarray(a)), host)
-            self._release_pages(tensor)
+            release_pages(tensor)
         self.loads += 1
         return LayerParams(**weights)
 

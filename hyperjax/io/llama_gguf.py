@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from hyperjax.errors import GGUFError, UnsupportedTensorTypeError
-from hyperjax.io.gguf import GGUFFile, GGUFTensor
+from hyperjax.io.gguf import GGUFFile, GGUFTensor, release_pages
 from hyperjax.kernels.quant import QuantizedTensor, from_gguf_blocks
 from hyperjax.models.llama import LayerParams, LlamaConfig, LlamaParams, Weight
 
@@ -62,6 +62,7 @@ def _stack(tensors: list[GGUFTensor], role: str, path: os.PathLike) -> Weight:
     for i, tensor in enumerate(tensors):
         for buffer, leaf in zip(stacked, jax.tree.leaves(host_weight(tensor)), strict=True):
             buffer[i] = leaf
+        release_pages(tensor)
     return jax.tree.unflatten(treedef, [jnp.asarray(buffer) for buffer in stacked])
 
 
@@ -75,7 +76,9 @@ def resident_params_from_gguf(gguf: GGUFFile) -> tuple[LlamaConfig, LlamaParams]
     _check_shape(embed_tensor, (config.vocab_size, config.dim), path)
 
     def device_weight(tensor: GGUFTensor) -> Weight:
-        return jax.tree.map(jnp.asarray, host_weight(tensor))
+        weight = jax.tree.map(jnp.asarray, host_weight(tensor))
+        release_pages(tensor)
+        return weight
 
     output = None
     if "output.weight" in gguf.tensors:
