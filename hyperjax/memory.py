@@ -58,8 +58,26 @@ def weight_bytes_by_format(params: Any) -> dict[str, dict[str, int]]:
     return dict(totals)
 
 
+def weight_bytes_by_tensor(params: Any) -> dict[str, dict[str, Any]]:
+    """{"layers.wq": {"format": "q4_1", "shape": [30, 576, 576], "bytes": n}, ...}: every weight of a pytree.
+
+    Shapes are logical (rows, cols) with any stacked layer axis first; bytes are what the packed form holds.
+    """
+    is_quantized = lambda x: isinstance(x, QuantizedTensor)  # noqa: E731
+    out = {}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(params, is_leaf=is_quantized)[0]:
+        name = ".".join(str(getattr(k, "name", getattr(k, "key", k))) for k in path)
+        if is_quantized(leaf):
+            shape = [*leaf.packed.shape[:-2], *leaf.shape]
+            size = leaf.nbytes
+        else:
+            shape, size = list(leaf.shape), int(leaf.nbytes)
+        out[name] = {"format": _format_of(leaf), "shape": shape, "bytes": size}
+    return out
+
+
 def memory_report(params: Any | None = None) -> dict[str, Any]:
-    """A JSON-ready snapshot: RSS now and at peak, JAX live-buffer total, and weights by format."""
+    """A JSON-ready snapshot: RSS now and at peak, JAX live-buffer total, and weights by format and by tensor."""
     report: dict[str, Any] = {
         "rss_bytes": current_rss_bytes(),
         "peak_rss_bytes": peak_rss_bytes(),
@@ -68,5 +86,6 @@ def memory_report(params: Any | None = None) -> dict[str, Any]:
     if params is not None:
         by_format = weight_bytes_by_format(params)
         report["weights_by_format"] = by_format
+        report["weights_by_tensor"] = weight_bytes_by_tensor(params)
         report["weight_bytes"] = sum(v["bytes"] for v in by_format.values())
     return report
