@@ -7,12 +7,15 @@ y = x @ W.T. Each block stores an fp16 scale d (and, for Q4_1, an fp16 minimum m
 
 4-bit weights are packed two per byte in GGUF's order: inside a block of G weights, byte j (0 ≤ j < G/2) holds
 weight j in its low nibble and weight j + G/2 in its high nibble. With G = 32 the packed bytes are exactly a GGUF
-block's `qs` run, so a GGUF tensor loads by slicing its bytes, and dequantization is bit-exact with `gguf.quants`.
+block's `qs` run, so a GGUF tensor loads by slicing its bytes, and dequantization is bit-exact with `gguf.quants`:
+q·d is exact in float32 (at most 4 or 8 bits times fp16's 11), so no operation order or fused multiply-add can
+change the result.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import partial
 
 import jax
 import jax.numpy as jnp
@@ -22,12 +25,15 @@ from hyperjax.errors import QuantizationError
 
 KINDS = ("q4_0", "q4_1", "q8_0")
 GROUP_SIZES = (32, 64, 128)
+METHODS = ("rtn", "search")
 GGUF_GROUP = 32
-# GGUF block layout: bytes of (d, m) header and of the quant run, per 32 weights.
+# GGUF block layout: bytes of the (d, m) header and of the quant run, per 32 weights.
 _GGUF_HEADER_BYTES = {"q4_0": 2, "q4_1": 4, "q8_0": 2}
 _GGUF_QS_BYTES = {"q4_0": 16, "q4_1": 16, "q8_0": 32}
-# From this many activation rows on, dequantize-then-dot (a fast GEMM) beats the per-block reduction.
-_GEMM_MIN_ROWS = 16
+# Largest |quant| that multiplies d, and the round-to-nearest error in units of |d|: Q4_0 maps the block's signed
+# extreme to −8, so values near the opposite extreme (up to +8) are clamped to +7, a full step.
+_QMAX = {"q4_0": 8, "q4_1": 15, "q8_0": 127}
+_RTN_STEP = {"q4_0": 1.0, "q4_1": 0.5, "q8_0": 0.5}
 
 
 @jax.tree_util.register_dataclass
@@ -89,49 +95,92 @@ def dequantize(qt: QuantizedTensor, dtype: jnp.dtype = jnp.float32) -> jax.Array
 
 
 def take_rows(qt: QuantizedTensor, ids: jax.Array) -> jax.Array:
-    """float32 (len(ids), cols): the selected rows dequantized (an embedding lookup), not the whole table."""
+    """float32 (*ids.shape, cols): rows `ids` dequantized (an embedding lookup), never the whole table.
+
+    Out-of-range ids follow JAX's gather semantics (clamped), as any jitted indexing does.
+    """
+    if qt.packed.ndim != 2:
+        raise QuantizationError(f"take_rows needs a 2-D table, got packed leaves of shape {qt.packed.shape}")
     mins = None if qt.mins is None else qt.mins[ids]
     return dequantize(QuantizedTensor(qt.packed[ids], qt.scales[ids], mins, qt.kind, qt.group_size))
 
 
-def qmatmul(x: jax.Array, qt: QuantizedTensor) -> jax.Array:
-    """x (..., cols) float → (..., rows) float32, equal to x @ dequantize(qt).T.
+def _nibble_dots(x: jax.Array, qt: QuantizedTensor) -> jax.Array:
+    """x (b, cols) → (b, rows) float32 for q4_0/q4_1, as two half-width dots, one per nibble of the packed bytes.
 
-    4-bit, few activation rows (decode): per-block dot products against the integer-valued quants, then
-    y = Σ_b d_b·(q·x)_b (+ m_b·Σ_b x for q4_1), about 2× XLA's float32 matvec. Many rows (prefill), and Q8_0 at any
-    batch: dequantize-then-dot, which XLA:CPU fuses into its matvec for Q8_0 (no float matrix is written) and turns
-    into a fast GEMM for prefill.
+    Low nibbles are weights 0..G/2−1 of each block and high nibbles weights G/2..G−1, so each half is a
+    (rows, cols/2) matrix q·d + m indexed exactly like `packed` (a cheap elementwise pass, no interleaving), met by
+    the matching half of x in a dot that contracts both operands along their minor axis (no transpose).
     """
+    rows, _ = qt.shape
+    half = qt.group_size // 2
+    blocks = qt.packed.reshape(rows, -1, half)
+    d = qt.scales.astype(jnp.float32)[..., None]
+    m = qt.mins.astype(jnp.float32)[..., None] if qt.kind == "q4_1" else -8.0 * d
+    xb = x.reshape(x.shape[0], -1, 2, half)
+    low, high = (
+        jax.lax.dot_general(
+            xb[:, :, i].reshape(x.shape[0], -1),
+            (nibbles.astype(jnp.float32) * d + m).reshape(rows, -1),
+            (((1,), (1,)), ((), ())),
+        )
+        for i, nibbles in enumerate((blocks & 0x0F, blocks >> 4))
+    )
+    return low + high
+
+
+def qmatmul(x: jax.Array, qt: QuantizedTensor) -> jax.Array:
+    """x (..., cols) float → (..., rows) float32, equal to x @ dequantize(qt).T up to float32 summation order.
+
+    Q4_0/Q4_1: `_nibble_dots` (on 2 cores about 2× XLA's float32 matvec at batch 1, 1.1–2× at batch 8–256).
+    Q8_0: dequantize-then-dot, which XLA:CPU fuses into its matvec (about 1.1× float32 at batch 1, no float matrix
+    written) and turns into a GEMM for prefill.
+    """
+    if qt.packed.ndim != 2:
+        raise QuantizationError(f"qmatmul needs a 2-D weight, got packed leaves of shape {qt.packed.shape}")
     rows, cols = qt.shape
-    if x.shape[-1] != cols:
-        raise QuantizationError(f"activation width {x.shape[-1]} does not match weight columns {cols}")
-    lead = x.shape[:-1]
+    if x.ndim == 0 or x.shape[-1] != cols:
+        raise QuantizationError(f"activation shape {tuple(x.shape)} does not end in the weight's {cols} columns")
     x2 = x.reshape(-1, cols).astype(jnp.float32)
-    if x2.shape[0] >= _GEMM_MIN_ROWS or qt.kind == "q8_0":
-        y = x2 @ dequantize(qt).T
-    else:
-        xb = x2.reshape(x2.shape[0], cols // qt.group_size, qt.group_size)
-        partial = jnp.einsum("bnj,rnj->brn", xb, _block_values(qt))
-        y = jnp.einsum("brn,rn->br", partial, qt.scales.astype(jnp.float32))
-        if qt.kind == "q4_1":
-            y = y + jnp.einsum("bn,rn->br", xb.sum(-1), qt.mins.astype(jnp.float32))
-    return y.reshape(*lead, rows)
+    y = x2 @ dequantize(qt).T if qt.kind == "q8_0" else _nibble_dots(x2, qt)
+    return y.reshape(*x.shape[:-1], rows)
+
+
+def quant_error_bound(qt: QuantizedTensor) -> jax.Array:
+    """float32 (..., rows, cols // G): per block, a bound on |w − ŵ| when qt = quantize(w, method="rtn").
+
+    Rounding to the nearest quant costs |d|/2 (a full |d| for q4_0, whose clamp at +7 can cost one step), and
+    storing d (and m) in fp16 moves each weight by at most qmax·|Δd| (+ |Δm|), with |Δ| ≤ 2^-11·|value| for normal
+    fp16 numbers and 2^-25 for subnormal ones. The bound doubles those fp16 terms to cover float32 arithmetic.
+    """
+    d = jnp.abs(qt.scales.astype(jnp.float32))
+    bound = _RTN_STEP[qt.kind] * d + _QMAX[qt.kind] * (2.0**-10 * d + 2.0**-24)
+    if qt.kind == "q4_1":
+        bound = bound + 2.0**-10 * jnp.abs(qt.mins.astype(jnp.float32)) + 2.0**-24
+    return bound
+
+
+def _roundf(v: jax.Array) -> jax.Array:
+    """C's roundf (halves away from zero), exactly: |v| = f + frac with f = floor(|v|), and 2·frac is exact."""
+    a = jnp.abs(v)
+    whole = jnp.floor(a)
+    return jnp.copysign(whole + jnp.floor(2.0 * (a - whole)), v)
 
 
 def _round_blocks(blocks: jax.Array, kind: str, inv_scale: jax.Array, low: jax.Array) -> jax.Array:
-    """Integer quants of blocks (..., G) for a given 1/d (and minimum, q4_1), as llama.cpp rounds them."""
+    """Integer-valued float quants of blocks (..., G) for a given 1/d (and minimum, q4_1), as llama.cpp rounds."""
     if kind == "q4_0":
         return jnp.clip(jnp.trunc(blocks * inv_scale + 8.5), 0, 15)
     if kind == "q4_1":
         return jnp.clip(jnp.trunc((blocks - low) * inv_scale + 0.5), 0, 15)
-    return jnp.clip(jnp.round(blocks * inv_scale), -127, 127)
+    return jnp.clip(_roundf(blocks * inv_scale), -127, 127)
 
 
 def _rtn_params(blocks: jax.Array, kind: str) -> tuple[jax.Array, jax.Array]:
     """(d, m) of round-to-nearest: q4_0 d = signed extreme / −8, q4_1 d = (max − min)/15, q8_0 d = amax/127."""
     if kind == "q4_0":
-        idx = jnp.argmax(jnp.abs(blocks), axis=-1, keepdims=True)
-        extreme = jnp.take_along_axis(blocks, idx, axis=-1)[..., 0]
+        first = jnp.argmax(jnp.abs(blocks), axis=-1, keepdims=True)  # the first of equal magnitudes, as llama.cpp
+        extreme = jnp.where(jnp.arange(blocks.shape[-1]) == first, blocks, 0.0).sum(-1)
         return extreme / -8.0, jnp.zeros_like(extreme)
     if kind == "q4_1":
         low, high = blocks.min(-1), blocks.max(-1)
@@ -181,37 +230,32 @@ def _squared_error(blocks: jax.Array, encoded: tuple[jax.Array, jax.Array, jax.A
 def _search(blocks: jax.Array, kind: str) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Best of RTN and a grid of rescaled RTN scales, each refit by least squares; chosen by stored error."""
     d0, m0 = _rtn_params(blocks, kind)
-    best = _encode(blocks, kind, d0, m0)
-    best_err = _squared_error(blocks, best, kind)
-    for factor in np.linspace(0.8, 1.2, 17):
-        q, _, _ = _encode(blocks, kind, d0 * float(factor), m0)
+    rtn = _encode(blocks, kind, d0, m0)
+
+    def step(carry, factor):
+        best, best_err = carry
+        q, _, _ = _encode(blocks, kind, d0 * factor, m0)
         candidate = _encode(blocks, kind, *_refit(blocks, q, kind))
         err = _squared_error(blocks, candidate, kind)
         better = err < best_err
-        q_best = jnp.where(better[..., None], candidate[0], best[0])
-        best = (q_best, jnp.where(better, candidate[1], best[1]), jnp.where(better, candidate[2], best[2]))
-        best_err = jnp.minimum(err, best_err)
+        (q_new, d_new, m_new), (q_old, d_old, m_old) = candidate, best
+        chosen = (
+            jnp.where(better[..., None], q_new, q_old),
+            jnp.where(better, d_new, d_old),
+            jnp.where(better, m_new, m_old),
+        )
+        return (chosen, jnp.minimum(err, best_err)), None
+
+    factors = jnp.linspace(0.8, 1.2, 17, dtype=jnp.float32)
+    (best, _), _ = jax.lax.scan(step, (rtn, _squared_error(blocks, rtn, kind)), factors)
     return best
 
 
-def quantize(w: jax.Array, kind: str, group_size: int = GGUF_GROUP, method: str = "rtn") -> QuantizedTensor:
-    """Quantize float weights (rows, cols) block-wise.
-
-    method "rtn": round to nearest with llama.cpp's reference scales. "search": per block, a grid of scales around
-    the RTN one, each refit by least squares, keeping whichever has the least squared error after fp16 storage
-    (never worse than "rtn").
-    """
-    _check_kind(kind, group_size)
-    if method not in ("rtn", "search"):
-        raise QuantizationError(f"unknown quantization method {method!r}; use 'rtn' or 'search'")
-    if w.ndim != 2:
-        raise QuantizationError(f"expected a 2-D weight (rows, cols), got shape {tuple(w.shape)}")
+@partial(jax.jit, static_argnames=("kind", "group_size", "method"))
+def _quantize_blocks(w: jax.Array, kind: str, group_size: int, method: str) -> QuantizedTensor:
+    """The numeric part of `quantize`, one compiled program per (shape, kind, group size, method)."""
     rows, cols = w.shape
-    if cols % group_size:
-        raise QuantizationError(f"{cols} columns are not a multiple of the group size {group_size}")
-    if not bool(jnp.all(jnp.isfinite(w))):
-        raise QuantizationError("weights contain NaN or infinity; refusing to quantize")
-    blocks = jnp.asarray(w, jnp.float32).reshape(rows, cols // group_size, group_size)
+    blocks = w.astype(jnp.float32).reshape(rows, cols // group_size, group_size)
     if method == "rtn":
         q, d16, m16 = _encode(blocks, kind, *_rtn_params(blocks, kind))
     else:
@@ -225,25 +269,55 @@ def quantize(w: jax.Array, kind: str, group_size: int = GGUF_GROUP, method: str 
     return QuantizedTensor(packed, d16, m16 if kind == "q4_1" else None, kind, group_size)
 
 
+def quantize(w: jax.Array, kind: str, group_size: int = GGUF_GROUP, method: str = "rtn") -> QuantizedTensor:
+    """Quantize float weights (rows, cols) block-wise; jit-able (values are checked only when concrete).
+
+    method "rtn": round to nearest with llama.cpp's reference formulas (the same scales and rounding as
+    `gguf.quants.quantize`; XLA computes x/15 as x·(1/15) and fuses multiply-adds, so a value lying on a
+    rounding boundary can land one quant or one fp16 ulp of d away from the reference). "search": per block, a grid
+    of scales around the RTN one, each refit by least squares, keeping whichever has the least squared error after
+    fp16 storage (never worse than "rtn").
+    """
+    _check_kind(kind, group_size)
+    if method not in METHODS:
+        raise QuantizationError(f"unknown quantization method {method!r}; use one of {METHODS}")
+    w = jnp.asarray(w)
+    if w.ndim != 2:
+        raise QuantizationError(f"expected a 2-D weight (rows, cols), got shape {tuple(w.shape)}")
+    if w.shape[1] % group_size:
+        raise QuantizationError(f"{w.shape[1]} columns are not a multiple of the group size {group_size}")
+    concrete = not isinstance(w, jax.core.Tracer)
+    if concrete and not bool(jnp.all(jnp.isfinite(w))):
+        raise QuantizationError(f"{kind}: weights of shape {tuple(w.shape)} contain NaN or infinity")
+    qt = _quantize_blocks(w, kind, group_size, method)
+    stored = qt.scales if qt.mins is None else jnp.stack([qt.scales, qt.mins])
+    if concrete and not bool(jnp.all(jnp.isfinite(stored))):
+        raise QuantizationError(
+            f"{kind}: block scales overflow float16 (largest |w| = {float(jnp.abs(w).max()):.6g} is too large)"
+        )
+    return qt
+
+
 def from_gguf_blocks(raw: np.ndarray, kind: str, shape: tuple[int, int]) -> QuantizedTensor:
-    """Split a GGUF tensor's raw block bytes (uint8, row-major) into a QuantizedTensor of `shape`, losslessly.
+    """Split a GGUF tensor's raw block bytes (uint8, row-major, any shape) into a QuantizedTensor, losslessly.
 
     The result holds numpy arrays (copies of the relevant bytes); `jax.device_put` or `jnp.asarray` moves them.
     """
     if kind not in KINDS:
         raise QuantizationError(f"unknown block format {kind!r}; supported: {', '.join(KINDS)}")
-    if len(shape) != 2:
+    if len(shape) != 2 or min(shape) < 0:
         raise QuantizationError(f"expected a 2-D shape (rows, cols), got {tuple(shape)}")
     rows, cols = shape
     if cols % GGUF_GROUP:
-        raise QuantizationError(f"{cols} columns are not a multiple of GGUF's block size {GGUF_GROUP}")
+        raise QuantizationError(f"{kind}: {cols} columns are not a multiple of GGUF's block size {GGUF_GROUP}")
     header, qs = _GGUF_HEADER_BYTES[kind], _GGUF_QS_BYTES[kind]
     nblocks = cols // GGUF_GROUP
     expected = rows * nblocks * (header + qs)
     raw = np.asarray(raw)
     if raw.dtype != np.uint8 or raw.size != expected:
         raise QuantizationError(
-            f"{kind} tensor of shape {shape} needs {expected} bytes of uint8 blocks, got {raw.size} of {raw.dtype}"
+            f"{kind} tensor of shape {tuple(shape)} needs {expected} bytes of uint8 blocks, "
+            f"got {raw.size} of {raw.dtype}"
         )
     blocks = raw.reshape(rows, nblocks, header + qs)
     scales = np.ascontiguousarray(blocks[..., 0:2]).view(np.float16)[..., 0]
@@ -255,13 +329,15 @@ def from_gguf_blocks(raw: np.ndarray, kind: str, shape: tuple[int, int]) -> Quan
 
 
 def to_gguf_blocks(qt: QuantizedTensor) -> np.ndarray:
-    """The GGUF block bytes (uint8, rows × bytes per row) of a 2-D QuantizedTensor with group size 32."""
+    """The GGUF block bytes (uint8, (rows, bytes per row)) of a 2-D QuantizedTensor with group size 32."""
     if qt.group_size != GGUF_GROUP:
         raise QuantizationError(f"GGUF blocks hold {GGUF_GROUP} weights; this tensor uses {qt.group_size}")
-    rows, _ = qt.shape
-    parts = [np.asarray(qt.scales, np.float16)[..., None].view(np.uint8)]
+    if np.ndim(qt.packed) != 2:
+        raise QuantizationError(f"to_gguf_blocks needs a 2-D tensor, got packed leaves of shape {qt.packed.shape}")
+    rows, cols = qt.shape
+    nblocks = cols // GGUF_GROUP
+    parts = [np.asarray(qt.scales, np.float16).reshape(rows, nblocks, 1).view(np.uint8)]
     if qt.kind == "q4_1":
-        parts.append(np.asarray(qt.mins, np.float16)[..., None].view(np.uint8))
-    nblocks = parts[0].shape[1]
+        parts.append(np.asarray(qt.mins, np.float16).reshape(rows, nblocks, 1).view(np.uint8))
     parts.append(np.asarray(qt.packed).view(np.uint8).reshape(rows, nblocks, -1))
     return np.concatenate(parts, axis=-1).reshape(rows, -1)
