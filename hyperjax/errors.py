@@ -39,3 +39,7 @@ class InvalidPromptError(HyperjaxError, ValueError):
 
 class SamplingConfigError(HyperjaxError, ValueError):
     """A sampling option is out of its range."""
+
+
+class PatchingError(HyperjaxError, ValueError):
+    """Patching options are out of range (threshold, mode, minimum/maximum patch length, window)."""

@@ -44,6 +44,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from hyperjax.errors import PatchingError
+
 __all__ = [
     "DEFAULTS",
     "DEFAULT_BIGRAM_ALPHA",
@@ -183,7 +185,7 @@ def window_entropy(bytes_u8: jax.Array, window: int) -> jax.Array:
     input of any length runs in one pass (cost grows with the window: keep it short, up to MAX_WINDOW).
     """
     if not isinstance(window, int) or not 1 <= window <= MAX_WINDOW:
-        raise ValueError(f"window must be an integer in 1…{MAX_WINDOW}, got {window!r}")
+        raise PatchingError(f"window must be an integer in 1…{MAX_WINDOW}, got {window!r}")
     x = jnp.asarray(bytes_u8).astype(jnp.int16)
     n_pos = x.shape[-1]
     table, bits = _xlogx_table(window)
@@ -240,9 +242,9 @@ def bigram_entropy(model: BigramModel, bytes_u8: jax.Array) -> jax.Array:
 def _check_lengths(min_len: int | jax.Array, max_len: int | jax.Array) -> None:
     """Validate concrete min_len/max_len (traced values pass through unchecked)."""
     if isinstance(min_len, int) and min_len < 1:
-        raise ValueError(f"min_len must be ≥ 1, got {min_len}")
+        raise PatchingError(f"min_len must be ≥ 1, got {min_len}")
     if isinstance(max_len, int) and isinstance(min_len, int) and max_len < min_len:
-        raise ValueError(f"max_len must be ≥ min_len ({min_len}), got {max_len}")
+        raise PatchingError(f"max_len must be ≥ min_len ({min_len}), got {max_len}")
 
 
 def _valid_len(valid_len: int | jax.Array | None, batch_shape: tuple[int, ...], n_pos: int) -> jax.Array:
@@ -268,12 +270,12 @@ def patch_boundaries(
     and valid_len may be traced; `mode` is static.
     """
     if mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        raise PatchingError(f"mode must be one of {MODES}, got {mode!r}")
     _check_lengths(min_len, max_len)
     x = jnp.asarray(bytes_u8).astype(jnp.int32)
     e = jnp.asarray(entropy, jnp.float32)
     if e.shape != x.shape:
-        raise ValueError(f"entropy {e.shape} and bytes {x.shape} must have the same shape")
+        raise PatchingError(f"entropy {e.shape} and bytes {x.shape} must have the same shape")
     batch_shape, n_pos = x.shape[:-1], x.shape[-1]
     vl = _valid_len(valid_len, batch_shape, n_pos)
 
@@ -308,7 +310,7 @@ def make_patches(
     P starts: the surplus merges into patch P−1 and `truncated` is set.
     """
     if not isinstance(max_patches, int) or max_patches < 1:
-        raise ValueError(f"max_patches must be a positive integer, got {max_patches!r}")
+        raise PatchingError(f"max_patches must be a positive integer, got {max_patches!r}")
     s = jnp.asarray(start_mask, bool)
     batch_shape, n_pos = s.shape[:-1], s.shape[-1]
     vl = _valid_len(valid_len, batch_shape, n_pos)
@@ -371,7 +373,7 @@ def patch_text(
     The input is padded to a power-of-two bucket, so repeated calls reuse a few compiled versions.
     """
     if source not in SOURCES:
-        raise ValueError(f"source must be one of {SOURCES}, got {source!r}")
+        raise PatchingError(f"source must be one of {SOURCES}, got {source!r}")
     raw = data.encode("utf-8") if isinstance(data, str) else bytes(data)
     d = DEFAULTS[source]
     mode = d.mode if mode is None else mode
