@@ -147,6 +147,17 @@ def model_info(
     _print_memory(info["memory"])
 
 
+@app.command(
+    context_settings={"allow_extra_args": True, "ignore_unknown_options": True, "help_option_names": []},
+    add_help_option=False,
+)
+def serve(ctx: typer.Context) -> None:
+    """Serve the model over MCP (streamable HTTP or stdio); `hyperjax serve --help` lists the options."""
+    from hyperjax.serve_mcp import main as serve_main
+
+    raise typer.Exit(serve_main(list(ctx.args)))
+
+
 @app.command()
 def pull(name: Annotated[str, typer.Argument(help="Registered model name.")] = "smollm2-135m") -> None:
     """Fetch a registered model into the cache and verify its checksum."""
