@@ -16,9 +16,10 @@ import jax
 import jax.numpy as jnp
 
 from hyperjax.errors import GGUFError
+from hyperjax.kernels.native import NativeWeight, native_qmatmul
 from hyperjax.kernels.quant import QuantizedTensor, dequantize, qmatmul, take_rows
 
-Weight = QuantizedTensor | jax.Array
+Weight = QuantizedTensor | NativeWeight | jax.Array
 
 
 @dataclass(frozen=True)
@@ -113,8 +114,16 @@ def init_cache(config: LlamaConfig, batch: int, length: int, dtype: Any = jnp.fl
     return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), length)
 
 
-def linear(x: jax.Array, w: Weight) -> jax.Array:
-    """x (..., in) @ w.T for w (out, in), packed or float; float32 result."""
+def linear(x: jax.Array, w: Weight, layer: jax.Array | None = None) -> jax.Array:
+    """x (..., in) @ w.T for w (out, in) — native-packed, packed or float — as float32.
+
+    With `layer`, w is a stack (n_layers, out, in) and layer an int32 scalar choosing one matrix; the native kernel
+    reads that layer in place (slicing a custom call's operand would copy it first).
+    """
+    if isinstance(w, NativeWeight):
+        return native_qmatmul(x, w, layer)
+    if layer is not None:
+        w = jax.tree.map(lambda leaf: leaf[layer], w)
     if isinstance(w, QuantizedTensor):
         return qmatmul(x, w)
     return jnp.einsum("...i,oi->...o", x, w.astype(jnp.float32))
@@ -176,20 +185,31 @@ def _block(
     start: jax.Array,
     positions: jax.Array,
     valid_end: jax.Array,
+    index: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """One decoder block on x (B, T, E); writes this call's K/V at cache slots start..start+T."""
+    """One decoder block on x (B, T, E); writes this call's K/V at cache slots start..start+T.
+
+    `layer` is one block's parameters, or (with `index`) the stack of all blocks and the one to run.
+    """
     b, t, _ = x.shape
     hd = config.head_dim
-    h = rms_norm(x, layer.attn_norm, config.norm_eps)
-    q = rope(linear(h, layer.wq).reshape(b, t, config.n_heads, hd), positions, config.rope_base)
-    k = rope(linear(h, layer.wk).reshape(b, t, config.n_kv_heads, hd), positions, config.rope_base)
-    v = linear(h, layer.wv).reshape(b, t, config.n_kv_heads, hd)
+
+    def mm(h: jax.Array, w: Weight) -> jax.Array:
+        return linear(h, w, index)
+
+    def norm_weight(w: jax.Array) -> jax.Array:
+        return w if index is None else w[index]
+
+    h = rms_norm(x, norm_weight(layer.attn_norm), config.norm_eps)
+    q = rope(mm(h, layer.wq).reshape(b, t, config.n_heads, hd), positions, config.rope_base)
+    k = rope(mm(h, layer.wk).reshape(b, t, config.n_kv_heads, hd), positions, config.rope_base)
+    v = mm(h, layer.wv).reshape(b, t, config.n_kv_heads, hd)
     keys = jax.lax.dynamic_update_slice(keys, k.astype(keys.dtype), (0, start, 0, 0))
     values = jax.lax.dynamic_update_slice(values, v.astype(values.dtype), (0, start, 0, 0))
     attn = attention(q, keys, values, positions, valid_end)
-    x = x + linear(attn.reshape(b, t, config.n_heads * hd), layer.wo)
-    h = rms_norm(x, layer.ffn_norm, config.norm_eps)
-    x = x + linear(jax.nn.silu(linear(h, layer.w_gate)) * linear(h, layer.w_up), layer.w_down)
+    x = x + mm(attn.reshape(b, t, config.n_heads * hd), layer.wo)
+    h = rms_norm(x, norm_weight(layer.ffn_norm), config.norm_eps)
+    x = x + mm(jax.nn.silu(mm(h, layer.w_gate)) * mm(h, layer.w_up), layer.w_down)
     return x, keys, values
 
 
@@ -208,10 +228,13 @@ def block_forward(
     values: jax.Array,
     start: jax.Array,
     n_valid: jax.Array,
+    index: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """One decoder block for a call of T tokens at `start` (n_valid real): x (B, T, E), one layer's cache."""
+    """One decoder block for a call of T tokens at `start` (n_valid real): x (B, T, E), one layer's cache.
+
+    `layer` is one block, or with `index` the stacked blocks and which to run."""
     positions, valid_end = positions_for(x[..., 0], start, n_valid)
-    return _block(config, x, layer, keys, values, start, positions, valid_end)
+    return _block(config, x, layer, keys, values, start, positions, valid_end, index)
 
 
 def output_logits(
@@ -241,12 +264,13 @@ def forward(
     """
     x = embed_tokens(params.embed, tokens)
 
-    def step(x: jax.Array, layer_and_cache: tuple[LayerParams, jax.Array, jax.Array]):
-        layer, keys, values = layer_and_cache
-        x, keys, values = block_forward(config, x, layer, keys, values, start, n_valid)
+    def step(x: jax.Array, index_and_cache: tuple[jax.Array, jax.Array, jax.Array]):
+        index, keys, values = index_and_cache
+        x, keys, values = block_forward(config, x, params.layers, keys, values, start, n_valid, index)
         return x, (keys, values)
 
-    x, (keys, values) = jax.lax.scan(step, x, (params.layers, cache.keys, cache.values))
+    indices = jnp.arange(config.n_layers, dtype=jnp.int32)
+    x, (keys, values) = jax.lax.scan(step, x, (indices, cache.keys, cache.values))
     return output_logits(params, config, x, n_valid, all_logits), KVCache(keys, values, cache.length)
 
 
