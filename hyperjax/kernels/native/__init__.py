@@ -12,8 +12,8 @@ loaded on first use. Nothing here builds or raises at import: when the library i
 The kernel quantizes x to int8 per 32-block (scale amax/127) and multiplies with integer dot products (AVX-512
 VNNI, AVX2 or portable C++, chosen at run time), threaded over row groups on a persistent pool of
 $HYPERJAX_NUM_THREADS threads (default: the cores this process may use). Each output differs from
-x @ dequantize(qt).T by at most Σ_i |q_i·d|·scale_i/2 over its row (the activation rounding; q_i·d excludes
-Q4_1's minimum, whose term uses the exact block sum of x) plus float32 rounding: for Gaussian activations
+x @ dequantize(qt).T by at most Σ_i |w_i|·scale_i/2 over its row (the activation rounding; Q4_1's minimum
+meets the block sum of the rounded x, as in llama.cpp's Q8_1) plus float32 rounding: for Gaussian activations
 about 0.5 % of the outputs' scale.
 """
 

@@ -26,8 +26,8 @@ HYPERJAX_AVX512 void quantize_avx512(const float* x, int64_t blocks, int8_t* q, 
     _mm_storeu_si128(reinterpret_cast<__m128i*>(q), _mm512_cvtepi32_epi8(qlo));
     _mm_storeu_si128(reinterpret_cast<__m128i*>(q + 16), _mm512_cvtepi32_epi8(qhi));
     scale[k] = amax / 127.0f;
-    sum[k] = _mm512_reduce_add_ps(_mm512_add_ps(lo, hi));
     qsum[k] = _mm512_reduce_add_epi32(_mm512_add_epi32(qlo, qhi));
+    sum[k] = scale[k] * static_cast<float>(qsum[k]);
   }
 }
 

@@ -23,11 +23,8 @@ float half_to_float(uint16_t h) {
 
 void quantize_scalar(const float* x, int64_t blocks, int8_t* q, float* scale, float* sum, int32_t* qsum) {
   for (int64_t k = 0; k < blocks; ++k, x += kBlock, q += kBlock) {
-    float amax = 0.0f, s = 0.0f;
-    for (int i = 0; i < kBlock; ++i) {
-      amax = std::fmax(amax, std::fabs(x[i]));
-      s += x[i];
-    }
+    float amax = 0.0f;
+    for (int i = 0; i < kBlock; ++i) amax = std::fmax(amax, std::fabs(x[i]));
     const float inv = amax > 0.0f ? 127.0f / amax : 0.0f;
     int32_t qs = 0;
     for (int i = 0; i < kBlock; ++i) {
@@ -35,8 +32,8 @@ void quantize_scalar(const float* x, int64_t blocks, int8_t* q, float* scale, fl
       qs += q[i];
     }
     scale[k] = amax / 127.0f;
-    sum[k] = s;
     qsum[k] = qs;
+    sum[k] = scale[k] * static_cast<float>(qs);
   }
 }
 
