@@ -9,6 +9,7 @@ start: the caller always gets a complete answer and learns which side produced i
 from __future__ import annotations
 
 import json
+import math
 import random
 import threading
 import time
@@ -24,6 +25,7 @@ from mcp import Client
 from mcp.client.streamable_http import streamable_http_client
 from mcp.shared.exceptions import MCPError
 
+from hyperjax.config import POLICIES
 from hyperjax.errors import HyperjaxError
 from hyperjax.serve_mcp import UNAUTHORIZED_CODE
 
@@ -32,7 +34,6 @@ if TYPE_CHECKING:
 
 Policy = Literal["local", "remote", "prefer-local", "prefer-remote", "auto"]
 Side = Literal["local", "remote"]
-POLICIES: tuple[str, ...] = ("local", "remote", "prefer-local", "prefer-remote", "auto")
 Prompt = str | Sequence[dict[str, str]]
 ProgressFn = Callable[[Side, int], None]
 
@@ -75,9 +76,56 @@ class HybridResult:
     finish_reason: str = ""
 
 
+def percentile(samples: Sequence[float], q: float) -> float:
+    """The q-th percentile (0..100) by linear interpolation between closest ranks (numpy's default method)."""
+    if not samples:
+        raise ValueError("percentile of no samples")
+    ordered = sorted(samples)
+    rank = (len(ordered) - 1) * q / 100
+    low = math.floor(rank)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
+
+
+class Timing:
+    """Durations of one operation: count, min, mean and max over all; p95 over the latest `window` samples."""
+
+    def __init__(self, window: int = 10_000):
+        self.count = 0
+        self.total_s = 0.0
+        self.min_s = math.inf
+        self.max_s = 0.0
+        self.recent: deque[float] = deque(maxlen=window)
+
+    def add(self, seconds: float) -> None:
+        self.count += 1
+        self.total_s += seconds
+        self.min_s = min(self.min_s, seconds)
+        self.max_s = max(self.max_s, seconds)
+        self.recent.append(seconds)
+
+    def summary(self) -> dict[str, float | int | None]:
+        if not self.count:
+            return {"count": 0, "min_s": None, "mean_s": None, "max_s": None, "p95_s": None}
+        return {
+            "count": self.count,
+            "min_s": self.min_s,
+            "mean_s": self.total_s / self.count,
+            "max_s": self.max_s,
+            "p95_s": percentile(self.recent, 95),
+        }
+
+
+OPERATIONS = ("load", "compile", "prefill", "decode", "request")
+
+
 @dataclass
 class SideStats:
-    """Counters of one side. `tokens_per_s` is end to end (generated tokens over request latency)."""
+    """Counters and per-operation timings of one side. `tokens_per_s` is end to end (tokens over request latency).
+
+    Operations: load (the local model), compile, prefill and decode (per generation; the remote side's as its server
+    measured them), request (one whole generation as the caller waits for it: for the remote side, the remote call).
+    """
 
     count: int = 0
     errors: int = 0
@@ -87,8 +135,10 @@ class SideStats:
     total_latency_s: float = 0.0
     last_tokens_per_s: float | None = None
     recent: deque[float] = field(default_factory=lambda: deque(maxlen=8))
+    timings: dict[str, Timing] = field(default_factory=lambda: {op: Timing() for op in OPERATIONS})
 
     def record(self, latency_s: float, tokens: int) -> None:
+        self.timings["request"].add(latency_s)
         self.count += 1
         self.tokens += tokens
         self.last_latency_s = latency_s
@@ -110,6 +160,7 @@ class SideStats:
             "mean_latency_s": self.total_latency_s / self.count if self.count else None,
             "last_tokens_per_s": self.last_tokens_per_s,
             "mean_tokens_per_s": self.tokens / self.total_latency_s if self.total_latency_s > 0 else None,
+            "timings": {op: timing.summary() for op, timing in self.timings.items()},
         }
 
 
@@ -150,26 +201,49 @@ class HybridDispatcher:
         explore: float = 0.1,
         seed: int = 0,
     ):
-        if policy not in POLICIES:
-            raise HyperjaxError(f"unknown policy {policy!r}; choose one of {', '.join(POLICIES)}")
-        if local is None and (remote_url is None or policy == "local"):
-            raise HyperjaxError("a dispatcher needs a local model, and a remote URL for any policy but 'local'")
-        if remote_url is None and policy in ("remote", "prefer-remote"):
-            raise HyperjaxError(f"policy {policy!r} needs a remote_url")
-        if timeout_s <= 0 or retries < 0:
-            raise HyperjaxError("timeout_s must be positive and retries non-negative")
         self._local = local
-        self.remote_url = remote_url
-        self.token = token
-        self.policy = policy
-        self.timeout_s = timeout_s
-        self.retries = retries
-        self.local_limits = local_limits
-        self.explore = explore
-        self._rng = random.Random(seed)
         self._sides: dict[Side, SideStats] = {"local": SideStats(), "remote": SideStats()}
         self._stats_lock = threading.Lock()
         self._local_lock = threading.Lock()
+        self.remote_url: str | None = None
+        self.token: str | None = None
+        self.policy: Policy = "local"
+        self.timeout_s = timeout_s
+        self.retries = retries
+        self.configure(remote_url=remote_url, token=token, policy=policy, timeout_s=timeout_s, retries=retries)
+        self.local_limits = local_limits
+        self.explore = explore
+        self._rng = random.Random(seed)
+        self._record_load(local)
+
+    def configure(self, **changes: Any) -> None:
+        """Change any of remote_url, token, policy, timeout_s, retries at once, checked together; statistics stay."""
+        unknown = set(changes) - {"remote_url", "token", "policy", "timeout_s", "retries"}
+        if unknown:
+            raise HyperjaxError(f"cannot configure {', '.join(sorted(unknown))}")
+        new = {k: getattr(self, k) for k in ("remote_url", "token", "policy", "timeout_s", "retries")} | changes
+        if new["policy"] not in POLICIES:
+            raise HyperjaxError(f"unknown policy {new['policy']!r}; choose one of {', '.join(POLICIES)}")
+        if self._local is None and (new["remote_url"] is None or new["policy"] == "local"):
+            raise HyperjaxError("a dispatcher needs a local model, and a remote URL for any policy but 'local'")
+        if new["remote_url"] is None and new["policy"] in ("remote", "prefer-remote"):
+            raise HyperjaxError(f"policy {new['policy']!r} needs a remote_url")
+        if new["timeout_s"] <= 0 or new["retries"] < 0:
+            raise HyperjaxError("timeout_s must be positive and retries non-negative")
+        for key, value in new.items():
+            setattr(self, key, value)
+
+    def set_local(self, local: Model | Callable[[], Model]) -> None:
+        """Use another local model (or loader) from now on."""
+        with self._local_lock:
+            self._local = local
+        self._record_load(local)
+
+    def _record_load(self, local: Model | Callable[[], Model] | None) -> None:
+        seconds = getattr(local, "load_seconds", 0.0)
+        if isinstance(seconds, float) and seconds > 0:
+            with self._stats_lock:
+                self._sides["local"].timings["load"].add(seconds)
 
     # ---- routing ----------------------------------------------------------------------------------------------------
 
@@ -218,9 +292,17 @@ class HybridDispatcher:
 
     def _model(self) -> Model:
         if callable(self._local) and not hasattr(self._local, "generate"):
+            t0 = time.perf_counter()
             self._local = self._local()
+            with self._stats_lock:
+                self._sides["local"].timings["load"].add(time.perf_counter() - t0)
         assert self._local is not None
         return self._local
+
+    def local_model(self) -> Model:
+        """The local model, loading it first if a loader was given."""
+        with self._local_lock:
+            return self._model()
 
     def _run_local(
         self,
@@ -249,8 +331,14 @@ class HybridDispatcher:
                 raise
             latency = time.perf_counter() - t0
         tokens = len(result.token_ids)
+        phases = {
+            "compile": result.timings.get("compile_seconds", 0.0),
+            "prefill": result.prefill_seconds,
+            "decode": result.decode_seconds,
+        }
         with self._stats_lock:
             self._sides["local"].record(latency, tokens)
+            self._time_phases("local", phases)
         return HybridResult(
             result.text, "local", fell_back, latency, tokens / latency, error, tokens, result.finish_reason
         )
@@ -262,7 +350,7 @@ class HybridDispatcher:
         while True:
             t0 = time.perf_counter()
             try:
-                output = anyio.run(self._call_remote, arguments, on_progress)
+                output = anyio.run(self._call_tool, "generate", arguments, on_progress)
             except RemoteError as exc:
                 error = exc
             except Exception as exc:  # any failure of the remote side is a reason to fall back
@@ -270,8 +358,10 @@ class HybridDispatcher:
             else:
                 latency = time.perf_counter() - t0
                 tokens = int(output["tokens"])
+                phases = {phase: output.get(f"{phase}_seconds") for phase in ("prefill", "decode")}
                 with self._stats_lock:
                     self._sides["remote"].record(latency, tokens)
+                    self._time_phases("remote", phases)
                 return HybridResult(
                     output["text"], "remote", False, latency, tokens / latency, None, tokens, output["finish_reason"]
                 )
@@ -281,7 +371,23 @@ class HybridDispatcher:
             if not error.retryable or attempts_left == 0:
                 raise error
 
-    async def _call_remote(self, arguments: dict[str, Any], on_progress: ProgressFn | None) -> dict[str, Any]:
+    def _time_phases(self, side: Side, phases: dict[str, float | None]) -> None:
+        for phase, seconds in phases.items():
+            if seconds is not None and (seconds > 0 or phase != "compile"):
+                self._sides[side].timings[phase].add(float(seconds))
+
+    def remote_info(self) -> dict[str, Any]:
+        """The remote server's `model_info` (model, limits, generation counts); RemoteError if it cannot answer."""
+        if self.remote_url is None:
+            raise RemoteError("no remote server is configured")
+        try:
+            return anyio.run(self._call_tool, "model_info", {}, None)
+        except RemoteError:
+            raise
+        except Exception as exc:
+            raise _classify(exc, self.timeout_s) from None
+
+    async def _call_tool(self, tool: str, arguments: dict[str, Any], on_progress: ProgressFn | None) -> dict[str, Any]:
         async def progress(value: float, total: float | None, message: str | None) -> None:
             if on_progress is not None:
                 on_progress("remote", int(value))
@@ -291,7 +397,7 @@ class HybridDispatcher:
             async with httpx2.AsyncClient(headers=headers, timeout=httpx2.Timeout(self.timeout_s)) as http:
                 transport = streamable_http_client(self.remote_url, http_client=http)
                 async with Client(transport, cache=None) as client:
-                    result = await client.call_tool("generate", arguments, progress_callback=progress)
+                    result = await client.call_tool(tool, arguments, progress_callback=progress)
         if result.is_error:
             message = " ".join(getattr(c, "text", "") for c in result.content)
             raise RemoteRefusedError(f"remote tool error: {message}")
@@ -302,7 +408,8 @@ class HybridDispatcher:
     # ---- statistics -------------------------------------------------------------------------------------------------
 
     def stats(self) -> dict[str, Any]:
-        """Per side: count, errors, fallbacks, tokens, last and mean latency, last and mean tokens/s."""
+        """Per side: count, errors, fallbacks, tokens, last and mean latency, last and mean tokens/s, and timings
+        per operation (count, min, mean, max, p95 in seconds)."""
         with self._stats_lock:
             sides = {side: s.as_dict() for side, s in self._sides.items()}
         config = {"policy": self.policy, "remote_url": self.remote_url, "timeout_s": self.timeout_s}

@@ -26,6 +26,7 @@ from mcp.server.mcpserver.exceptions import ToolError
 from pydantic import BaseModel
 
 from hyperjax import __version__
+from hyperjax.config import Config, load_config
 from hyperjax.errors import HyperjaxError
 
 if TYPE_CHECKING:
@@ -62,6 +63,8 @@ class GenerationOutput(BaseModel):
     prompt_tokens: int
     prompt_tokens_per_second: float | None
     generation_tokens_per_second: float | None
+    prefill_seconds: float
+    decode_seconds: float
 
 
 class TokenizeOutput(BaseModel):
@@ -180,6 +183,8 @@ def build_server(model: Model, limits: ServerLimits = ServerLimits()) -> MCPServ
             prompt_tokens=result.prompt_tokens,
             prompt_tokens_per_second=_finite(result.prompt_tokens_per_second),
             generation_tokens_per_second=_finite(result.generation_tokens_per_second),
+            prefill_seconds=result.prefill_seconds,
+            decode_seconds=result.decode_seconds,
         )
 
     @server.tool()
@@ -258,23 +263,30 @@ def serve_http(server: MCPServer, host: str, port: int, token: str | None) -> No
     uvicorn.run(app, host=host, port=port, log_level="warning")
 
 
-def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+def parse_args(argv: Sequence[str] | None, config: Config | None = None) -> argparse.Namespace:
+    """Options; their defaults come from `config` (the [model], [memory] and [server] sections)."""
+    c = config or Config()
     p = argparse.ArgumentParser(prog="hyperjax serve", description="Serve a model over the Model Context Protocol.")
-    p.add_argument("--model", default=None, help="GGUF path or registered model name (default model if omitted)")
+    p.add_argument("--model", default=c.model.name, help="GGUF path or registered model name (default model)")
     p.add_argument("--transport", choices=("http", "stdio"), default="http")
-    p.add_argument("--host", default="127.0.0.1", help="HTTP bind address (beyond loopback a token is required)")
-    p.add_argument("--port", type=int, default=8765)
+    p.add_argument("--host", default=c.server.host, help="HTTP bind address (beyond loopback a token is required)")
+    p.add_argument("--port", type=int, default=c.server.port)
     p.add_argument("--token", default=None, help=f"bearer token HTTP clients must send (default ${TOKEN_ENV})")
-    p.add_argument("--max-prompt-bytes", type=int, default=ServerLimits.max_prompt_bytes)
-    p.add_argument("--max-tokens", type=int, default=ServerLimits.max_tokens)
-    p.add_argument("--memory-budget", default=None, help="stream decoder blocks under this budget, e.g. 64MB")
+    p.add_argument("--max-prompt-bytes", type=int, default=c.server.max_prompt_bytes)
+    p.add_argument("--max-tokens", type=int, default=c.server.max_tokens)
+    p.add_argument("--memory-budget", default=c.memory.budget, help="stream decoder blocks under a budget, e.g. 64MB")
     return p.parse_args(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """`hyperjax serve`: load the model once, then serve it until interrupted."""
-    args = parse_args(argv)
-    token = args.token or os.environ.get(TOKEN_ENV) or None
+    """`hyperjax serve`: load the model once, then serve it until interrupted (config file and env give defaults)."""
+    try:
+        config = load_config().config
+    except HyperjaxError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    args = parse_args(argv, config)
+    token = args.token or os.environ.get(TOKEN_ENV) or config.server.token
     try:
         if args.transport == "http":
             check_bind(args.host, token)

@@ -11,7 +11,7 @@ from collections.abc import Iterator
 import pytest
 
 from hyperjax.errors import HyperjaxError
-from hyperjax.hybrid import HybridDispatcher, LocalLimits
+from hyperjax.hybrid import HybridDispatcher, LocalLimits, Timing, percentile
 from tests.test_mcp_server import TOKEN, free_port, server_process
 
 GREEDY = {"temperature": 0.0}
@@ -182,3 +182,57 @@ def test_stats_export_json(tmp_path, tiny_model):
 def test_invalid_configuration(tiny_model, kwargs, message):
     with pytest.raises(HyperjaxError, match=message):
         HybridDispatcher(tiny_model, **kwargs)
+
+
+def test_percentile_matches_numpy_linear():
+    import numpy as np
+
+    assert percentile(range(1, 101), 95) == pytest.approx(95.05)
+    assert percentile([3.0], 95) == 3.0 and percentile([1.0, 2.0], 50) == 1.5
+    sample = list(np.random.default_rng(0).exponential(size=257))
+    for q in (0, 50, 95, 99, 100):
+        assert percentile(sample, q) == pytest.approx(np.percentile(sample, q))
+    with pytest.raises(ValueError):
+        percentile([], 95)
+
+
+def test_timing_summary_exact_and_p95_over_the_window():
+    timing = Timing(window=20)
+    assert timing.summary() == {"count": 0, "min_s": None, "mean_s": None, "max_s": None, "p95_s": None}
+    for ms in range(1, 101):  # 1..100 ms; the window keeps 81..100
+        timing.add(ms / 1000)
+    summary = timing.summary()
+    assert summary["count"] == 100 and summary["min_s"] == 0.001 and summary["max_s"] == 0.1
+    assert summary["mean_s"] == pytest.approx(0.0505)
+    assert summary["p95_s"] == pytest.approx(percentile([ms / 1000 for ms in range(81, 101)], 95))
+
+
+def test_timings_per_operation_local_and_remote(remote_url, tiny_model):
+    dispatcher = HybridDispatcher(lambda: tiny_model, remote_url, token=TOKEN, policy="local", timeout_s=60)
+    for n in (4, 8):
+        dispatcher.generate("time me", max_tokens=n, ignore_eos=True, **GREEDY)
+    dispatcher.configure(policy="remote")
+    remote = dispatcher.generate("time me", max_tokens=8, ignore_eos=True, **GREEDY)
+    local, far = dispatcher.stats()["local"]["timings"], dispatcher.stats()["remote"]["timings"]
+    assert local["load"]["count"] == 1 and far["load"]["count"] == 0
+    assert local["request"]["count"] == local["prefill"]["count"] == local["decode"]["count"] == 2
+    assert far["request"]["count"] == far["prefill"]["count"] == far["decode"]["count"] == 1
+    assert far["request"]["max_s"] == pytest.approx(remote.latency_s)
+    assert far["request"]["mean_s"] > far["prefill"]["mean_s"] + far["decode"]["mean_s"] > 0  # the call's overhead
+    for op in ("prefill", "decode", "request"):
+        t = local[op]
+        assert 0 < t["min_s"] <= t["mean_s"] <= t["max_s"] and t["min_s"] <= t["p95_s"] <= t["max_s"]
+    assert local["request"]["max_s"] >= local["prefill"]["max_s"] + local["decode"]["max_s"] - 1e-9
+
+
+def test_configure_checks_together_and_keeps_stats(tiny_model):
+    dispatcher = HybridDispatcher(tiny_model, policy="local")
+    dispatcher.generate("keep", max_tokens=2, **GREEDY)
+    with pytest.raises(HyperjaxError, match="needs a remote_url"):
+        dispatcher.configure(policy="remote")
+    assert dispatcher.policy == "local"
+    dispatcher.configure(remote_url="http://127.0.0.1:9/mcp", policy="prefer-remote", retries=0)
+    assert (dispatcher.policy, dispatcher.retries) == ("prefer-remote", 0)
+    assert dispatcher.stats()["local"]["count"] == 1
+    with pytest.raises(HyperjaxError, match="cannot configure"):
+        dispatcher.configure(explore=1.0)
