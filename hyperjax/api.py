@@ -14,7 +14,7 @@ import numpy as np
 from hyperjax.errors import HyperjaxError, InvalidPromptError
 from hyperjax.generate import GenerationResult, generate_tokens, plan_capacity
 from hyperjax.io.gguf import GGUFFile, describe, read_gguf
-from hyperjax.io.layer_store import LayerStore, parse_bytes, tree_nbytes
+from hyperjax.io.layer_store import LayerStore, MemoryBudgetError, parse_bytes, tree_nbytes
 from hyperjax.io.llama_gguf import (
     SUPPORTED_ARCHITECTURES,
     check_layer_shapes,
@@ -22,6 +22,8 @@ from hyperjax.io.llama_gguf import (
     resident_params_from_gguf,
 )
 from hyperjax.io.registry import ensure_model, hyperjax_home
+from hyperjax.io.sparse_gguf import PREFIX as SPARSE_PREFIX
+from hyperjax.io.sparse_gguf import is_sparse, sparse_params_from_gguf
 from hyperjax.io.tokenizer import Tokenizer
 from hyperjax.kernels.sampling import SamplingConfig
 from hyperjax.memory import memory_report
@@ -149,7 +151,7 @@ class Model:
                 "resident_weight_bytes_peak": store.peak_resident_bytes,
                 "layer_loads": store.loads,
             }
-        return {
+        info = {
             "path": str(self.path),
             "name": self.gguf.get("general.name", None),
             "config": {k: getattr(self.config, k) for k in self.config.__dataclass_fields__},
@@ -157,6 +159,10 @@ class Model:
             "memory": memory,
             "load_seconds": self.load_seconds,
         }
+        if is_sparse(self.gguf):  # the file's `parameters` count CSR array elements; memory counts dense ones
+            prefix = f"{SPARSE_PREFIX}."
+            info["sparse"] = {k.removeprefix(prefix): v for k, v in self.gguf.metadata.items() if k.startswith(prefix)}
+        return info
 
 
 def load(
@@ -165,7 +171,8 @@ def load(
     progress: bool = False,
     memory_budget: int | str | None = None,
 ) -> Model:
-    """Load a registered model by name (fetched on first use) or any supported GGUF file by path.
+    """Load a registered model by name (fetched on first use) or any supported GGUF file by path, dense or sparse
+    (written by `hyperjax sparsify`: decoder weights stay in sparse 4-bit CSR).
 
     With `memory_budget` (bytes, or a size such as "64MB"), decoder blocks stay in the file and stream in on demand,
     least-recently-used evicted, so the weights resident at once stay under the budget; the output is the same.
@@ -175,7 +182,12 @@ def load(
     path = ensure_model(name_or_path, progress=progress)
     gguf = read_gguf(path, architectures=SUPPORTED_ARCHITECTURES)
     tokenizer = Tokenizer.from_gguf_metadata(gguf.metadata)
-    if memory_budget is None:
+    if is_sparse(gguf):
+        if memory_budget is not None:
+            raise MemoryBudgetError(f"{path}: a sparse model loads whole; a memory budget streams dense files only")
+        config, params = sparse_params_from_gguf(gguf)
+        model = Model(gguf, config, params, tokenizer)
+    elif memory_budget is None:
         config, params = params_from_gguf(gguf)
         model = Model(gguf, config, params, tokenizer)
     else:

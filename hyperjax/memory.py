@@ -12,6 +12,9 @@ import numpy as np
 import psutil
 
 from hyperjax.kernels.quant import QuantizedTensor
+from hyperjax.kernels.sparse import Q4CSR
+
+_PACKED = (QuantizedTensor, Q4CSR)
 
 
 def current_rss_bytes() -> int:
@@ -33,20 +36,29 @@ def live_buffer_bytes() -> int:
 def _format_of(leaf: Any) -> str:
     if isinstance(leaf, QuantizedTensor):
         return leaf.kind
+    if isinstance(leaf, Q4CSR):
+        return "q4csr"
     return str(np.dtype(leaf.dtype))
+
+
+def _stack_dims(leaf: QuantizedTensor | Q4CSR) -> tuple[int, ...]:
+    """Leading stack axes of a packed weight: (n_layers,) for a layer stack, () for one matrix."""
+    return tuple(leaf.indices.shape[:-1] if isinstance(leaf, Q4CSR) else leaf.packed.shape[:-2])
 
 
 def weight_bytes_by_format(params: Any) -> dict[str, dict[str, int]]:
     """{format: {"tensors": n, "params": elements, "bytes": bytes held}} over a parameter pytree.
 
-    A `QuantizedTensor` counts its packed nibbles, scales and minimums exactly; layer stacks count every layer.
+    A `QuantizedTensor` counts its packed nibbles, scales and minimums exactly, a `Q4CSR` ("q4csr") its codes,
+    indices, row pointers, scales and offsets (stack padding included) against its dense (rows × cols) parameters;
+    layer stacks count every layer.
     """
     totals: dict[str, dict[str, int]] = defaultdict(lambda: {"tensors": 0, "params": 0, "bytes": 0})
-    leaves = jax.tree.leaves(params, is_leaf=lambda x: isinstance(x, QuantizedTensor))
+    leaves = jax.tree.leaves(params, is_leaf=lambda x: isinstance(x, _PACKED))
     for leaf in leaves:
         entry = totals[_format_of(leaf)]
-        if isinstance(leaf, QuantizedTensor):
-            layers = leaf.packed.shape[0] if leaf.packed.ndim == 3 else 1
+        if isinstance(leaf, _PACKED):
+            layers = int(np.prod(_stack_dims(leaf)))
             rows, cols = leaf.shape
             entry["tensors"] += layers
             entry["params"] += layers * rows * cols
@@ -63,12 +75,12 @@ def weight_bytes_by_tensor(params: Any) -> dict[str, dict[str, Any]]:
 
     Shapes are logical (rows, cols) with any stacked layer axis first; bytes are what the packed form holds.
     """
-    is_quantized = lambda x: isinstance(x, QuantizedTensor)  # noqa: E731
+    is_quantized = lambda x: isinstance(x, _PACKED)  # noqa: E731
     out = {}
     for path, leaf in jax.tree_util.tree_flatten_with_path(params, is_leaf=is_quantized)[0]:
         name = ".".join(str(getattr(k, "name", getattr(k, "key", k))) for k in path)
         if is_quantized(leaf):
-            shape = [*leaf.packed.shape[:-2], *leaf.shape]
+            shape = [*_stack_dims(leaf), *leaf.shape]
             size = leaf.nbytes
         else:
             shape, size = list(leaf.shape), int(leaf.nbytes)

@@ -20,11 +20,13 @@ import numpy as np
 
 from hyperjax.errors import GGUFError, ModelNotFoundError, UnsupportedArchitectureError, UnsupportedTensorTypeError
 
-SUPPORTED_TYPES = ("F32", "F16", "Q4_0", "Q4_1", "Q8_0")
+SUPPORTED_TYPES = ("F32", "F16", "Q4_0", "Q4_1", "Q8_0", "I8", "I16", "I32")
 MAGIC = b"GGUF"
 SUPPORTED_VERSIONS = (2, 3)
 MAX_DIMS = 4
 _FLOAT_DTYPES = {"F32": np.float32, "F16": np.float16}
+# Integer tensors (hyperjax's sparse files keep CSR arrays in them) are read as arrays of their shape.
+_INT_DTYPES = {"I8": np.int8, "I16": np.int16, "I32": np.int32}
 _MISSING = object()
 _VT = gguf.GGUFValueType
 _ARRAY_ID = int(_VT.ARRAY)
@@ -40,7 +42,8 @@ _MIN_ITEM_BYTES = {
 class GGUFTensor:
     """One tensor: shape in row-major order (GGUF lists dims fastest-first), data memory-mapped from the file.
 
-    `data` is uint8 block bytes (rows, bytes per row) for quantized types, a float32/float16 array of `shape` else.
+    `data` is uint8 block bytes (rows, bytes per row) for quantized types, a float32/float16 or int8/int16/int32
+    array of `shape` else.
     """
 
     name: str
@@ -208,8 +211,8 @@ def _tensor(path: Path, field: gguf.ReaderField, reader: _Reader, file_size: int
             f"{offset}..{offset + nbytes}, file has {file_size}"
         )
     raw = reader.bytes_at(offset, nbytes)
-    if qtype.name in _FLOAT_DTYPES:
-        data = raw.view(_FLOAT_DTYPES[qtype.name]).reshape(shape)
+    if qtype.name in _FLOAT_DTYPES or qtype.name in _INT_DTYPES:
+        data = raw.view({**_FLOAT_DTYPES, **_INT_DTYPES}[qtype.name]).reshape(shape)
     else:
         data = raw.reshape(*shape[:-1], shape[-1] // block * block_bytes)
     return GGUFTensor(name, qtype.name, shape, offset, nbytes, data)

@@ -96,23 +96,30 @@ def resident_params_from_gguf(gguf: GGUFFile) -> tuple[LlamaConfig, LlamaParams]
     return config, params
 
 
-def check_layer_shapes(gguf: GGUFFile, config: LlamaConfig) -> dict[str, list[GGUFTensor]]:
-    """Every decoder block's tensors, by role, after checking that each exists and has its expected shape."""
+def layer_shapes(config: LlamaConfig) -> dict[str, tuple[int, ...]]:
+    """The (rows, cols) of each decoder block role, and (E,) for the norms."""
     e, hd = config.dim, config.head_dim
-    expected = {
+    return {
+        "attn_norm": (e,),
         "wq": (config.n_heads * hd, e),
         "wk": (config.n_kv_heads * hd, e),
         "wv": (config.n_kv_heads * hd, e),
         "wo": (e, config.n_heads * hd),
+        "ffn_norm": (e,),
         "w_gate": (config.ffn_dim, e),
         "w_up": (config.ffn_dim, e),
         "w_down": (e, config.ffn_dim),
     }
+
+
+def check_layer_shapes(gguf: GGUFFile, config: LlamaConfig) -> dict[str, list[GGUFTensor]]:
+    """Every decoder block's tensors, by role, after checking that each exists and has its expected shape."""
+    expected = layer_shapes(config)
     per_role: dict[str, list[GGUFTensor]] = {role: [] for role in LAYER_TENSORS}
     for layer in range(config.n_layers):
         for role, suffix in LAYER_TENSORS.items():
             tensor = _tensor(gguf, f"blk.{layer}.{suffix}")
-            _check_shape(tensor, expected.get(role, (e,)), gguf.path)
+            _check_shape(tensor, expected[role], gguf.path)
             per_role[role].append(tensor)
     return per_role
 

@@ -18,8 +18,10 @@ import jax.numpy as jnp
 from hyperjax.errors import GGUFError
 from hyperjax.kernels.native import NativeWeight, native_qmatmul
 from hyperjax.kernels.quant import QuantizedTensor, dequantize, qmatmul, take_rows
+from hyperjax.kernels.sparse import Q4CSR, to_dense
+from hyperjax.kernels.sparse import matmul as sparse_matmul
 
-Weight = QuantizedTensor | NativeWeight | jax.Array
+Weight = QuantizedTensor | NativeWeight | Q4CSR | jax.Array
 
 
 @dataclass(frozen=True)
@@ -115,7 +117,7 @@ def init_cache(config: LlamaConfig, batch: int, length: int, dtype: Any = jnp.fl
 
 
 def linear(x: jax.Array, w: Weight, layer: jax.Array | None = None) -> jax.Array:
-    """x (..., in) @ w.T for w (out, in) — native-packed, packed or float — as float32.
+    """x (..., in) @ w.T for w (out, in) — native-packed, packed, sparse (Q4CSR) or float — as float32.
 
     With `layer`, w is a stack (n_layers, out, in) and layer an int32 scalar choosing one matrix; the native kernel
     reads that layer in place (slicing a custom call's operand would copy it first).
@@ -126,6 +128,8 @@ def linear(x: jax.Array, w: Weight, layer: jax.Array | None = None) -> jax.Array
         w = jax.tree.map(lambda leaf: leaf[layer], w)
     if isinstance(w, QuantizedTensor):
         return qmatmul(x, w)
+    if isinstance(w, Q4CSR):
+        return sparse_matmul(x, w)
     return jnp.einsum("...i,oi->...o", x, w.astype(jnp.float32))
 
 
@@ -275,13 +279,15 @@ def forward(
 
 
 def dequantize_params(params: LlamaParams) -> LlamaParams:
-    """The fp32 twin of a packed model (for comparisons and benchmarks only: 4 bytes per weight)."""
+    """The fp32 twin of a packed or sparse model (for comparisons and benchmarks only: 4 bytes per weight)."""
 
     def convert(leaf: Any) -> Any:
         if isinstance(leaf, QuantizedTensor):
             if leaf.packed.ndim == 3:
                 return jax.vmap(dequantize)(leaf)
             return dequantize(leaf)
+        if isinstance(leaf, Q4CSR):
+            return jax.vmap(to_dense)(leaf) if leaf.indices.ndim == 2 else to_dense(leaf)
         return leaf
 
-    return jax.tree.map(convert, params, is_leaf=lambda leaf: isinstance(leaf, QuantizedTensor))
+    return jax.tree.map(convert, params, is_leaf=lambda leaf: isinstance(leaf, QuantizedTensor | Q4CSR))
