@@ -160,6 +160,14 @@ class Tokenizer:
         ids = hf.encode(text, add_special_tokens=False).ids
         return [self.bos_id, *ids] if add_bos and self.bos_id is not None else ids
 
+    def to_json(self) -> str:
+        """The `tokenizers` serialization (tokenizer.json) of the encoder that parses special tokens."""
+        return self._special_hf.to_str()
+
+    def token_text(self, token_id: int) -> str:
+        """The vocabulary entry of one token, as stored in the file (e.g. '<|im_end|>')."""
+        return self._texts[token_id]
+
     def token_bytes(self, token_id: int) -> bytes:
         """Bytes of one token (byte-level mapping undone); control and user-defined tokens give their text."""
         if not 0 <= token_id < self.vocab_size:

@@ -1,0 +1,73 @@
+"""Tokenizer side of the runner: encode with `tokenizers`, each token's bytes for UTF-8-safe streaming.
+
+Byte-level BPE tokens spell bytes with GPT-2's printable stand-ins (printable Latin-1 stands for itself, every other
+byte for a character from U+0100 up, in byte order); added tokens (control and user-defined) stand for their own
+text. `tests/test_export.py` checks the table against `hyperjax.io.tokenizer.Tokenizer.token_bytes`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from tokenizers import Tokenizer
+
+from hyperjax.runner.format import RunnerError
+
+
+def _byte_of_char() -> dict[str, int]:
+    printable = {*range(0x21, 0x7F), *range(0xA1, 0xAD), *range(0xAE, 0x100)}
+    shifted = iter(range(0x100, 0x200))
+    return {(chr(b) if b in printable else chr(next(shifted))): b for b in range(256)}
+
+
+def load_tokenizer(path: Path) -> Tokenizer:
+    """The tokenizer saved at `path` (tokenizer.json)."""
+    try:
+        return Tokenizer.from_file(str(path))
+    except Exception as exc:  # tokenizers raises a bare Exception for unreadable files
+        raise RunnerError(f"{path}: cannot load the tokenizer ({exc})") from None
+
+
+def token_byte_table(tokenizer: Tokenizer) -> list[bytes]:
+    """bytes of every token id, 0 … vocab size − 1."""
+    byte_of = _byte_of_char()
+    added = {i: token.content for i, token in tokenizer.get_added_tokens_decoder().items()}
+    table = [b""] * tokenizer.get_vocab_size(with_added_tokens=True)
+    for token, i in tokenizer.get_vocab(with_added_tokens=True).items():
+        if i in added:
+            table[i] = added[i].encode()
+        else:
+            table[i] = b"".join(bytes((byte_of[ch],)) if ch in byte_of else ch.encode() for ch in token)
+    return table
+
+
+def encode(tokenizer: Tokenizer, text: str) -> list[int]:
+    """Token ids of `text`, special tokens such as `<|im_start|>` parsed, nothing added (as the library encodes)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise RunnerError(f"the prompt is not valid Unicode (lone surrogate at {exc.start})") from None
+    return tokenizer.encode(text, add_special_tokens=False).ids
+
+
+def render_chat(template: str, user_text: str, bos: str, eos: str) -> str:
+    """The prompt of one user turn rendered by the model's chat template (needs jinja2, imported only here)."""
+    try:
+        from jinja2 import TemplateError
+        from jinja2.ext import loopcontrols
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+    except ImportError:
+        raise RunnerError("--chat needs jinja2 (pip install jinja2); or pass the templated prompt") from None
+
+    def refuse(message: str) -> None:
+        raise RunnerError(f"the model's chat template refused the message: {message}")
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
+    env.globals["raise_exception"] = refuse
+    messages = [{"role": "user", "content": user_text}]
+    try:
+        return env.from_string(template).render(
+            messages=messages, add_generation_prompt=True, bos_token=bos, eos_token=eos
+        )
+    except TemplateError as exc:
+        raise RunnerError(f"the model's chat template failed to render: {exc}") from None
