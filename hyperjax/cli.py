@@ -8,9 +8,11 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from hyperjax.errors import HyperjaxError
+from hyperjax.train.command import generate_bytes, is_byte_model, quantize_command, train_command
 
 app = typer.Typer(
     name="hyperjax",
@@ -24,6 +26,9 @@ app.add_typer(model_app, name="model")
 err = Console(stderr=True)
 
 ModelOption = Annotated[str | None, typer.Option("--model", "-m", help="Registered model name or path to a GGUF file.")]
+ConfigOption = Annotated[
+    str | None, typer.Option("--config", help="TOML config file (default ./hyperjax.toml, else $HYPERJAX_HOME's).")
+]
 
 
 def _mib(n: int) -> str:
@@ -34,13 +39,13 @@ def _mib(n: int) -> str:
 def generate(
     prompt: Annotated[str, typer.Argument(help="Text to continue (or the user's message with --chat).")],
     model: ModelOption = None,
-    max_tokens: Annotated[int, typer.Option("--max-tokens", "-n", min=1)] = 128,
-    temperature: Annotated[float, typer.Option(min=0.0)] = 0.8,
-    top_k: Annotated[int, typer.Option(min=0)] = 40,
-    top_p: Annotated[float, typer.Option()] = 0.95,
-    min_p: Annotated[float, typer.Option()] = 0.05,
-    repeat_penalty: Annotated[float, typer.Option()] = 1.0,
-    seed: Annotated[int, typer.Option()] = 0,
+    max_tokens: Annotated[int | None, typer.Option("--max-tokens", "-n", min=1, help="[default: 128]")] = None,
+    temperature: Annotated[float | None, typer.Option(min=0.0, help="[default: 0.8]")] = None,
+    top_k: Annotated[int | None, typer.Option(min=0, help="[default: 40]")] = None,
+    top_p: Annotated[float | None, typer.Option(help="[default: 0.95]")] = None,
+    min_p: Annotated[float | None, typer.Option(help="[default: 0.05]")] = None,
+    repeat_penalty: Annotated[float | None, typer.Option(help="[default: 1.0]")] = None,
+    seed: Annotated[int | None, typer.Option(help="[default: 0]")] = None,
     chat: Annotated[bool, typer.Option("--chat", help="Wrap the prompt in the model's chat template.")] = False,
     stream: Annotated[bool, typer.Option("--stream/--no-stream", help="Print text as it is produced.")] = True,
     stats: Annotated[bool, typer.Option("--stats", help="Also print memory by weight format.")] = False,
@@ -48,29 +53,31 @@ def generate(
         str | None,
         typer.Option("--memory-budget", help="Stream decoder blocks from the file to keep weights under e.g. 64MB."),
     ] = None,
+    config: ConfigOption = None,
 ) -> None:
-    """Generate text from PROMPT with a quantized model, then print speed and memory."""
+    """Generate text from PROMPT with a quantized model, then print speed and memory.
+
+    Unset options come from the config file and HYPERJAX_<SECTION>_<KEY> variables (flags > env > file > defaults).
+    """
     from hyperjax.api import load
+    from hyperjax.config import load_config
     from hyperjax.memory import peak_rss_bytes
 
-    llm = load(model, progress=True, memory_budget=memory_budget)
+    flags = {"model.name": model, "memory.budget": memory_budget}
+    given = dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, repeat_penalty=repeat_penalty)
+    flags |= {f"sampling.{k}": v for k, v in (given | {"seed": seed, "max_tokens": max_tokens}).items()}
+    cfg = load_config(config, flags=flags).config
+    sampling = {k: getattr(cfg.sampling, k) for k in cfg.sampling.__dataclass_fields__}
+    if is_byte_model(cfg.model.name):  # a `hyperjax train` run or a `hyperjax quantize` output
+        generate_bytes(cfg.model.name, prompt, sampling, stream)
+        return
+    llm = load(cfg.model.name, progress=True, memory_budget=cfg.memory.budget)
 
     def on_text(piece: str) -> None:
         sys.stdout.write(piece)
         sys.stdout.flush()
 
-    result = llm.generate(
-        prompt,
-        max_tokens=max_tokens,
-        temperature=temperature,
-        top_k=top_k,
-        top_p=top_p,
-        min_p=min_p,
-        repeat_penalty=repeat_penalty,
-        seed=seed,
-        chat=chat,
-        on_text=on_text if stream else None,
-    )
+    result = llm.generate(prompt, **sampling, chat=chat, on_text=on_text if stream else None)
     if not stream:
         sys.stdout.write(result.text)
     sys.stdout.write("\n")
@@ -159,6 +166,14 @@ def serve(ctx: typer.Context) -> None:
 
 
 @app.command()
+def shell(model: ModelOption = None, config: ConfigOption = None) -> None:
+    """Interactive shell: generate, tokenize, model, config, mcp, hybrid, stats (`hyperjax` alone on a terminal)."""
+    from hyperjax.shell import run_shell
+
+    raise typer.Exit(run_shell(config, model))
+
+
+@app.command()
 def pull(name: Annotated[str, typer.Argument(help="Registered model name.")] = "smollm2-135m") -> None:
     """Fetch a registered model into the cache and verify its checksum."""
     from hyperjax.io.registry import ensure_model
@@ -166,12 +181,79 @@ def pull(name: Annotated[str, typer.Argument(help="Registered model name.")] = "
     typer.echo(str(ensure_model(name, progress=True)))
 
 
+@app.command("export")
+def export_command(
+    model: Annotated[str, typer.Argument(help="Registered model name or path to a GGUF file.")],
+    out: Annotated[str, typer.Option("--out", "-o", help="Directory to write (created if needed).")],
+    platforms: Annotated[str, typer.Option(help="Comma-separated jax platforms, e.g. cpu,cuda.")] = "cpu",
+    max_context: Annotated[
+        int | None, typer.Option(help="KV cache capacity, prompt plus output (default min(1024, model's)).")
+    ] = None,
+    target: Annotated[str, typer.Option(help="jax (jax.export) or iree (compiled .vmfb for this CPU).")] = "jax",
+) -> None:
+    """Export MODEL for the lean runner `hyperjax-run`: functions, packed weights, tokenizer, manifest."""
+    from hyperjax.export import export_model
+
+    names = [p.strip() for p in platforms.split(",") if p.strip()]
+    export_model(model, out, platforms=names, max_context=max_context, target=target, log=err.print)
+    typer.echo(out)
+
+
+@app.command()
+def sparsify(
+    model: Annotated[str, typer.Argument(help="Registered model name or path to a dense GGUF.")],
+    output: Annotated[str, typer.Option("--output", "-o", help="Path of the sparse GGUF to write.")],
+    sparsity: Annotated[float | None, typer.Option(help="Fraction of each row's weights to prune, in [0, 1).")] = None,
+    pattern: Annotated[str | None, typer.Option(help="N:M structured pruning instead, e.g. 2:4.")] = None,
+    eval_tokens: Annotated[int, typer.Option(min=2, help="Held-out tokens scored for perplexity.")] = 2048,
+    eval_text: Annotated[
+        str | None, typer.Option(help="Text whose last 10 % is held out (default: Tiny Shakespeare).")
+    ] = None,
+    evaluate: Annotated[bool, typer.Option("--eval/--no-eval", help="Compare perplexity, dense vs sparse.")] = True,
+) -> None:
+    """Prune the decoder's linear weights by magnitude into sparse 4-bit CSR; report sizes and perplexity."""
+    from hyperjax.io.registry import ensure_model
+    from hyperjax.sparsify import KEPT_DENSE, compare_perplexity, heldout_text, parse_sparsity, sparsify_file
+
+    spec = parse_sparsity(sparsity, pattern)
+    text = heldout_text(eval_text, eval_tokens) if evaluate else None
+    report = sparsify_file(ensure_model(model, progress=True), output, spec)
+    console = Console()
+    console.print(
+        f"pruned attention q/k/v/o and FFN gate/up/down ({report.pattern}): kept {report.nonzeros:,} of "
+        f"{report.params:,} weights, sparsity {report.sparsity:.4f}\nkept dense: {KEPT_DENSE}"
+    )
+    table = Table(title=f"{report.source.name} → {report.output}")
+    for column in ("bytes", "dense int4", "sparse", "sparse / dense"):
+        table.add_column(column, justify="right")
+    for label, dense, sparse in (
+        ("pruned tensors", report.dense_bytes, report.sparse_bytes),
+        ("whole file", report.source_file_bytes, report.file_bytes),
+    ):
+        table.add_row(label, f"{dense:,}", f"{sparse:,}", f"{sparse / dense:.3f}")
+    console.print(table)
+    if text is not None:
+        dense_ppl, sparse_ppl = compare_perplexity(report.source, report.output, text, eval_tokens)
+        console.print(
+            f"perplexity on the held-out text ({sparse_ppl.tokens} tokens): dense int4 {dense_ppl.perplexity:.3f}"
+            f" · sparse {sparse_ppl.perplexity:.3f}"
+        )
+
+
+app.command("train")(train_command)
+app.command("quantize")(quantize_command)
+
+
 def main() -> None:
     """Console entry point: named hyperjax errors become one clear line and exit status 1."""
     try:
+        if len(sys.argv) == 1 and sys.stdin.isatty():
+            from hyperjax.shell import run_shell
+
+            sys.exit(run_shell())
         app()
     except HyperjaxError as exc:
-        err.print(f"[bold red]error:[/bold red] {exc}")
+        err.print(f"[bold red]error:[/bold red] {escape(str(exc))}", soft_wrap=True)
         sys.exit(1)
     except KeyboardInterrupt:
         err.print("interrupted")

@@ -43,3 +43,19 @@ class SamplingConfigError(HyperjaxError, ValueError):
 
 class PatchingError(HyperjaxError, ValueError):
     """Patching options are out of range (threshold, mode, minimum/maximum patch length, window)."""
+
+
+class TrainConfigError(HyperjaxError, ValueError):
+    """A training option or config file is invalid (unknown key, out-of-range value, unreadable TOML)."""
+
+
+class DataError(HyperjaxError):
+    """Training data is missing, empty, of the wrong dtype or shape, or too short for the context length."""
+
+
+class CheckpointError(HyperjaxError):
+    """A checkpoint directory is unreadable, truncated, or does not match the run that wants to resume from it."""
+
+
+class ConfigError(HyperjaxError, ValueError):
+    """A configuration file, variable or setting is unknown, of the wrong type or out of range."""
