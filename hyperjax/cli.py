@@ -158,6 +158,17 @@ def serve(ctx: typer.Context) -> None:
     raise typer.Exit(serve_main(list(ctx.args)))
 
 
+@app.command(
+    context_settings={"allow_extra_args": True, "ignore_unknown_options": True, "help_option_names": []},
+    add_help_option=False,
+)
+def bench(ctx: typer.Context) -> None:
+    """Decode/prefill speed against llama.cpp, side by side; `hyperjax bench --help` lists the options."""
+    from hyperjax.benchmark import main as bench_main
+
+    bench_main(list(ctx.args))
+
+
 @app.command()
 def pull(name: Annotated[str, typer.Argument(help="Registered model name.")] = "smollm2-135m") -> None:
     """Fetch a registered model into the cache and verify its checksum."""
