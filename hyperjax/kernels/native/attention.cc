@@ -5,7 +5,7 @@
 // The cache (L, B, S, K, D) is read in place at the chosen layer, and only its `start` valid slots: a pure-XLA
 // formulation reads (or copies) all S slots of the capacity bucket. Each key and value row is read once for the G
 // query heads that share it. Single-threaded: at 512 slots a layer's cache is about 400 KB, less than the cost
-// of waking a pool. Functions are cloned for AVX-512, AVX2 and baseline x86-64 and chosen at load time.
+// of waking a pool. The kernel is cloned for AVX-512, AVX2+FMA and baseline x86-64, chosen at load time.
 #include <cmath>
 #include <string>
 #include <vector>
@@ -15,7 +15,7 @@
 namespace ffi = xla::ffi;
 
 #if defined(__x86_64__) && defined(__GNUC__)
-#define HYPERJAX_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#define HYPERJAX_CLONES __attribute__((target_clones("arch=skylake-avx512", "arch=haswell", "default")))
 #else
 #define HYPERJAX_CLONES
 #endif
@@ -23,38 +23,55 @@ namespace ffi = xla::ffi;
 namespace hyperjax {
 namespace {
 
-HYPERJAX_CLONES float dot(const float* a, const float* b, int64_t n) {
+constexpr int kLanes = 16;  // independent partial sums: vectorizable without reassociating a single sum
+
+// always_inline: each ISA clone of attend_group gets its own vectorized copy.
+__attribute__((always_inline)) inline float dot(const float* a, const float* b, int64_t n) {
+  float lanes[kLanes] = {};
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+    for (int j = 0; j < kLanes; ++j) lanes[j] += a[i + j] * b[i + j];
+  }
   float s = 0.0f;
-  for (int64_t i = 0; i < n; ++i) s += a[i] * b[i];
+  for (; i < n; ++i) s += a[i] * b[i];
+  for (int j = 0; j < kLanes; ++j) s += lanes[j];
   return s;
 }
 
-HYPERJAX_CLONES void axpy(float a, const float* x, float* y, int64_t n) {
+__attribute__((always_inline)) inline void axpy(float a, const float* x, float* y, int64_t n) {
   for (int64_t i = 0; i < n; ++i) y[i] += a * x[i];
 }
 
-// One (batch row, KV head): G query heads q (G, D) over `start` past rows (stride `row`) and the new key/value.
-void attend_group(const float* q, const float* k_new, const float* v_new, const float* keys, const float* values,
-                  int64_t row, int64_t start, int64_t groups, int64_t dim, float* out, std::vector<float>& scores) {
+// One sequence: H = K·G query heads q (H, D) over `start` past cache rows (K·D floats each, read once and in
+// order) and the new keys/values (K, D). scores holds H·(start + 1) floats. Cloned per ISA as a whole, so that
+// dot and axpy inline into its loops and vectorize for the CPU at hand.
+HYPERJAX_CLONES void attend(const float* q, const float* k_new, const float* v_new, const float* keys,
+                            const float* values, int64_t start, int64_t kv_heads, int64_t groups, int64_t dim,
+                            float* out, float* scores) {
   const float scale = 1.0f / std::sqrt(static_cast<float>(dim));
-  scores.resize(static_cast<size_t>(groups * (start + 1)));
+  const int64_t n = start + 1, heads = kv_heads * groups, row = kv_heads * dim;
   for (int64_t s = 0; s < start; ++s) {
-    for (int64_t g = 0; g < groups; ++g) scores[g * (start + 1) + s] = dot(q + g * dim, keys + s * row, dim) * scale;
+    for (int64_t h = 0; h < heads; ++h) scores[h * n + s] = dot(q + h * dim, keys + s * row + h / groups * dim, dim);
   }
-  for (int64_t g = 0; g < groups; ++g) {
-    float* sc = scores.data() + g * (start + 1);
-    sc[start] = dot(q + g * dim, k_new, dim) * scale;
+  for (int64_t h = 0; h < heads; ++h) {
+    float* sc = scores + h * n;
+    sc[start] = dot(q + h * dim, k_new + h / groups * dim, dim);
     float peak = sc[start];
-    for (int64_t s = 0; s < start; ++s) peak = std::fmax(peak, sc[s]);
+    for (int64_t s = 0; s < start; ++s) peak = sc[s] > peak ? sc[s] : peak;
     float total = 0.0f;
-    for (int64_t s = 0; s <= start; ++s) total += (sc[s] = std::exp(sc[s] - peak));
+    for (int64_t s = 0; s < n; ++s) {
+      // Below e^-80 a weight is 0: an underflowing exp would otherwise feed subnormals (slow) to the sums.
+      const float z = (sc[s] - peak) * scale;
+      total += (sc[s] = z < -80.0f ? 0.0f : std::exp(z));
+    }
     const float inv = 1.0f / total;
-    for (int64_t s = 0; s <= start; ++s) sc[s] *= inv;
-    float* o = out + g * dim;
-    for (int64_t d = 0; d < dim; ++d) o[d] = sc[start] * v_new[d];
+    for (int64_t s = 0; s < n; ++s) sc[s] *= inv;
+    float* o = out + h * dim;
+    const float* v = v_new + h / groups * dim;
+    for (int64_t d = 0; d < dim; ++d) o[d] = sc[start] * v[d];
   }
   for (int64_t s = 0; s < start; ++s) {
-    for (int64_t g = 0; g < groups; ++g) axpy(scores[g * (start + 1) + s], values + s * row, out + g * dim, dim);
+    for (int64_t h = 0; h < heads; ++h) axpy(scores[h * n + s], values + s * row + h / groups * dim, out + h * dim, dim);
   }
 }
 
@@ -90,17 +107,13 @@ ffi::Error decode_attention(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k_new
                                        std::to_string(start) + " outside the cache (" + std::to_string(layers) +
                                        " layers, " + std::to_string(slots) + " slots)");
   }
-  const int64_t groups = heads / kv_heads, row = kv_heads * dim;
-  std::vector<float> scores;
+  const int64_t row = kv_heads * dim;
+  std::vector<float> scores(static_cast<size_t>(heads * (start + 1)));
   for (int64_t b = 0; b < batch; ++b) {
-    const int64_t cache_offset = ((layer * batch + b) * slots) * row;
-    for (int64_t kh = 0; kh < kv_heads; ++kh) {
-      const int64_t head0 = (b * heads + kh * groups) * dim;
-      const int64_t kv = (b * kv_heads + kh) * dim;
-      attend_group(q.typed_data() + head0, k_new.typed_data() + kv, v_new.typed_data() + kv,
-                   keys.typed_data() + cache_offset + kh * dim, values.typed_data() + cache_offset + kh * dim, row,
-                   start, groups, dim, out->typed_data() + head0, scores);
-    }
+    const int64_t cache_offset = (layer * batch + b) * slots * row;
+    attend(q.typed_data() + b * heads * dim, k_new.typed_data() + b * row, v_new.typed_data() + b * row,
+           keys.typed_data() + cache_offset, values.typed_data() + cache_offset, start, kv_heads, heads / kv_heads,
+           dim, out->typed_data() + b * heads * dim, scores.data());
   }
   return ffi::Error::Success();
 }
