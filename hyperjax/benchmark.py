@@ -99,6 +99,7 @@ def weights_bytes_of(tree) -> int:
 def child_llama_cpp(args: argparse.Namespace) -> dict:
     import resource
 
+    import numpy as np
     from llama_cpp import Llama
 
     from hyperjax.io.registry import ensure_model
@@ -109,6 +110,7 @@ def child_llama_cpp(args: argparse.Namespace) -> dict:
     llm = Llama(path, n_ctx=1024, n_threads=threads, n_threads_batch=threads, verbose=False)
     load_s = time.perf_counter() - t0
     short = llm.tokenize(SHORT_PROMPT.encode(), add_bos=False, special=True)
+    vocab = llm.n_vocab()
     t0 = time.perf_counter()
     llm.reset()
     llm.eval(short)
@@ -127,7 +129,8 @@ def child_llama_cpp(args: argparse.Namespace) -> dict:
             t0 = time.perf_counter()
             for _ in range(args.new_tokens):
                 llm.eval([token])
-                token = int(llm.scores[llm.n_tokens - 1].argmax())
+                # From the context: llama-cpp-python 0.3.x leaves Llama.scores unfilled without logits_all.
+                token = int(np.ctypeslib.as_array(llm._ctx.get_logits_ith(-1), shape=(vocab,)).argmax())
             decode.append(args.new_tokens / (time.perf_counter() - t0))
         out.update(
             decode_tok_s=statistics.median(decode),
