@@ -192,7 +192,6 @@ def main(argv: list[str] | None = None) -> None:
     if "llama.cpp" in rows and not llama_cpp_available():
         print("llama.cpp row skipped: llama-cpp-python is not installed (pip install -e '.[bench]', ~8 min build)")
         rows.remove("llama.cpp")
-    bandwidth = measure_bandwidth()
     results = []
     for threads in args.threads:
         for row in rows:
@@ -205,6 +204,7 @@ def main(argv: list[str] | None = None) -> None:
             results.append(entry)
             print(f"  done: {row}, {threads} thread(s): {entry['decode_tok_s']:.1f} tok/s decode", flush=True)
 
+    bandwidth = measure_bandwidth()  # after the rows: a child inherits its parent's peak RSS across exec
     print(f"\nmemory read bandwidth (numpy sum, 1 thread): {bandwidth:.1f} GB/s")
     header = (
         f"{'row':<10}{'thr':>4}{'decode tok/s':>14}{'prefill tok/s':>15}{'TTFT cold s':>13}{'TTFT warm s':>13}"
