@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -25,12 +26,36 @@ from hyperjax.io.registry import ensure_model, hyperjax_home
 from hyperjax.io.sparse_gguf import PREFIX as SPARSE_PREFIX
 from hyperjax.io.sparse_gguf import is_sparse, sparse_params_from_gguf
 from hyperjax.io.tokenizer import Tokenizer
+from hyperjax.kernels import native
 from hyperjax.kernels.sampling import SamplingConfig
 from hyperjax.memory import memory_report
 from hyperjax.models.llama import LlamaConfig, LlamaParams, dequantize_params
 from hyperjax.models.llama_runtime import LlamaDecoder, StreamingLlamaDecoder
 
 Messages = Sequence[dict[str, str]]
+KERNELS = ("auto", "native", "jax")
+_notified = False
+
+
+def resolve_kernels(kernels: str | None = None) -> str:
+    """The matmul kernels to use, "native" or "jax", from a choice in KERNELS (default: $HYPERJAX_KERNELS or auto).
+
+    "auto" takes the native kernels when their library loads and otherwise the pure-JAX ones, saying so once per
+    process on stderr; "native" raises NativeKernelError when the library is unavailable.
+    """
+    global _notified
+    choice = kernels or os.environ.get("HYPERJAX_KERNELS") or "auto"
+    if choice not in KERNELS:
+        raise HyperjaxError(f"unknown kernels {choice!r}; choose one of {', '.join(KERNELS)}")
+    if choice == "jax" or native.available():
+        return "jax" if choice == "jax" else "native"
+    reason = native.unavailable_reason()
+    if choice == "native":
+        raise native.NativeKernelError(f"native kernels requested but unavailable: {reason}")
+    if not _notified:
+        print(f"hyperjax: native kernels unavailable ({reason}); using the pure-JAX kernels", file=sys.stderr)
+        _notified = True
+    return "jax"
 
 
 def enable_compilation_cache() -> None:
@@ -52,8 +77,10 @@ class Model:
         params: LlamaParams,
         tokenizer: Tokenizer,
         layer_store: LayerStore | None = None,
+        kernels: str = "jax",
     ):
         self.gguf = gguf
+        self.kernels = kernels
         self.config = config
         self.params = params
         self.tokenizer = tokenizer
@@ -136,7 +163,7 @@ class Model:
         """The same model with every weight dequantized to float32 once (4 bytes per weight; for comparison)."""
         if self.layer_store is not None:
             raise HyperjaxError("a model streamed under a memory budget has no in-memory float32 twin")
-        twin = Model(self.gguf, self.config, dequantize_params(self.params), self.tokenizer)
+        twin = Model(self.gguf, self.config, dequantize_params(self.params), self.tokenizer, kernels="fp32")
         twin.load_seconds = self.load_seconds
         return twin
 
@@ -157,6 +184,8 @@ class Model:
             "config": {k: getattr(self.config, k) for k in self.config.__dataclass_fields__},
             "file": summary,
             "memory": memory,
+            "kernels": self.kernels if self.kernels != "native" else f"native ({native.isa()}, "
+            f"{native.num_threads()} threads)",
             "load_seconds": self.load_seconds,
         }
         if is_sparse(self.gguf):  # the file's `parameters` count CSR array elements; memory counts dense ones
@@ -170,31 +199,34 @@ def load(
     *,
     progress: bool = False,
     memory_budget: int | str | None = None,
+    kernels: str | None = None,
 ) -> Model:
     """Load a registered model by name (fetched on first use) or any supported GGUF file by path, dense or sparse
     (written by `hyperjax sparsify`: decoder weights stay in sparse 4-bit CSR).
 
     With `memory_budget` (bytes, or a size such as "64MB"), decoder blocks stay in the file and stream in on demand,
     least-recently-used evicted, so the weights resident at once stay under the budget; the output is the same.
+    `kernels` picks the matmul kernels (see `resolve_kernels`).
     """
     enable_compilation_cache()
     t0 = time.perf_counter()
     path = ensure_model(name_or_path, progress=progress)
     gguf = read_gguf(path, architectures=SUPPORTED_ARCHITECTURES)
     tokenizer = Tokenizer.from_gguf_metadata(gguf.metadata)
+    chosen = resolve_kernels(kernels)
     if is_sparse(gguf):
         if memory_budget is not None:
             raise MemoryBudgetError(f"{path}: a sparse model loads whole; a memory budget streams dense files only")
         config, params = sparse_params_from_gguf(gguf)
         model = Model(gguf, config, params, tokenizer)
     elif memory_budget is None:
-        config, params = params_from_gguf(gguf)
-        model = Model(gguf, config, params, tokenizer)
+        config, params = params_from_gguf(gguf, native=chosen == "native")
+        model = Model(gguf, config, params, tokenizer, kernels=chosen)
     else:
         budget = parse_bytes(memory_budget) if isinstance(memory_budget, str) else int(memory_budget)
-        config, params = resident_params_from_gguf(gguf)
+        config, params = resident_params_from_gguf(gguf, native=chosen == "native")
         check_layer_shapes(gguf, config)
-        store = LayerStore(gguf, config.n_layers, budget, fixed_bytes=tree_nbytes(params))
-        model = Model(gguf, config, params, tokenizer, store)
+        store = LayerStore(gguf, config.n_layers, budget, tree_nbytes(params), native=chosen == "native")
+        model = Model(gguf, config, params, tokenizer, store, kernels=chosen)
     model.load_seconds = time.perf_counter() - t0
     return model

@@ -145,6 +145,7 @@ def model_info(
     console.print(f"[bold]{info['name']}[/bold]  {info['path']}")
     console.print(f"architecture {file['architecture']} · {file['parameters']:,} parameters")
     console.print(", ".join(f"{k}={v}" for k, v in info["config"].items()))
+    console.print(f"kernels: {info.get('kernels', 'jax')}")
     table = Table(title="tensors in the file by type")
     for column in ("type", "tensors", "bytes"):
         table.add_column(column, justify="right")
@@ -163,6 +164,17 @@ def serve(ctx: typer.Context) -> None:
     from hyperjax.serve_mcp import main as serve_main
 
     raise typer.Exit(serve_main(list(ctx.args)))
+
+
+@app.command(
+    context_settings={"allow_extra_args": True, "ignore_unknown_options": True, "help_option_names": []},
+    add_help_option=False,
+)
+def bench(ctx: typer.Context) -> None:
+    """Decode/prefill speed against llama.cpp, side by side; `hyperjax bench --help` lists the options."""
+    from hyperjax.benchmark import main as bench_main
+
+    bench_main(list(ctx.args))
 
 
 @app.command()

@@ -164,7 +164,7 @@ def export_model(
     """
     from hyperjax.api import load
 
-    llm = load(model)
+    llm = load(model, kernels="jax")  # a portable graph: no custom calls into hyperjax's native library
     config, params, tokenizer = llm.config, llm.params, llm.tokenizer
     max_context = min(DEFAULT_MAX_CONTEXT, config.context_length) if max_context is None else max_context
     platforms = list(dict.fromkeys(platforms))

@@ -11,10 +11,11 @@ import jax
 import numpy as np
 import psutil
 
+from hyperjax.kernels.native import NativeWeight
 from hyperjax.kernels.quant import QuantizedTensor
 from hyperjax.kernels.sparse import Q4CSR
 
-_PACKED = (QuantizedTensor, Q4CSR)
+_PACKED = (QuantizedTensor, NativeWeight, Q4CSR)
 
 
 def current_rss_bytes() -> int:
@@ -34,22 +35,25 @@ def live_buffer_bytes() -> int:
 
 
 def _format_of(leaf: Any) -> str:
-    if isinstance(leaf, QuantizedTensor):
+    if isinstance(leaf, QuantizedTensor | NativeWeight):
         return leaf.kind
     if isinstance(leaf, Q4CSR):
         return "q4csr"
     return str(np.dtype(leaf.dtype))
 
 
-def _stack_dims(leaf: QuantizedTensor | Q4CSR) -> tuple[int, ...]:
+def _stack_dims(leaf: QuantizedTensor | NativeWeight | Q4CSR) -> tuple[int, ...]:
     """Leading stack axes of a packed weight: (n_layers,) for a layer stack, () for one matrix."""
-    return tuple(leaf.indices.shape[:-1] if isinstance(leaf, Q4CSR) else leaf.packed.shape[:-2])
+    if isinstance(leaf, Q4CSR):
+        return tuple(leaf.indices.shape[:-1])
+    return tuple(leaf.data.shape[:-2] if isinstance(leaf, NativeWeight) else leaf.packed.shape[:-2])
 
 
 def weight_bytes_by_format(params: Any) -> dict[str, dict[str, int]]:
     """{format: {"tensors": n, "params": elements, "bytes": bytes held}} over a parameter pytree.
 
-    A `QuantizedTensor` counts its packed nibbles, scales and minimums exactly, a `Q4CSR` ("q4csr") its codes,
+    A `QuantizedTensor` counts its packed nibbles, scales and minimums exactly (a `NativeWeight`, the same blocks
+    repacked for the native kernels, counts as its format with its 16-row group padding), a `Q4CSR` ("q4csr") its codes,
     indices, row pointers, scales and offsets (stack padding included) against its dense (rows × cols) parameters;
     layer stacks count every layer.
     """

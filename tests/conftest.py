@@ -31,7 +31,25 @@ def smollm2_path() -> Path:
 
 
 @pytest.fixture(scope="session")
-def smollm2_model(smollm2_path):
+def native_library() -> None:
+    """The native kernel library, loaded: rebuilt first when missing or older than its sources (the install builds
+    it; a source edit since then must not test a stale one). Skips only when it is unusable and no compiler exists."""
+    from hyperjax.kernels import native
+    from hyperjax.kernels.native import build
+
+    path = native.library_path()
+    sources = [*build.SOURCE_DIR.glob("*.cc"), *build.SOURCE_DIR.glob("*.h")]
+    stale = path is None or any(p.stat().st_mtime > path.stat().st_mtime for p in sources)
+    if stale and build.compiler() is not None:
+        build.build()
+    if build.compiler() is None and not native.available():
+        pytest.skip(f"native kernels unavailable, no C++ compiler to build them: {native.unavailable_reason()}")
+    assert native.load(), native.unavailable_reason()
+
+
+@pytest.fixture(scope="session")
+def smollm2_model(smollm2_path, native_library):
+    """SmolLM2 on the default kernels (native: the library is built first when needed)."""
     import hyperjax
 
     return hyperjax.load(smollm2_path)

@@ -48,7 +48,8 @@ DRIVER = (
 
 @pytest.fixture(scope="module")
 def tiny_model(tiny_llama_gguf):
-    return hyperjax.load(tiny_llama_gguf)
+    """The library on the pure-JAX kernels: the graph an export carries (the native kernels are not exported)."""
+    return hyperjax.load(tiny_llama_gguf, kernels="jax")
 
 
 @pytest.fixture(scope="module")

@@ -13,11 +13,12 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from hyperjax.errors import HyperjaxError
 from hyperjax.io.gguf import GGUFFile, GGUFTensor, release_pages
-from hyperjax.io.llama_gguf import LAYER_TENSORS, host_weight
+from hyperjax.io.llama_gguf import LAYER_TENSORS, host_weight, to_device
+from hyperjax.kernels.native import repacked_nbytes
+from hyperjax.kernels.quant import QuantizedTensor
 from hyperjax.models.llama import LayerParams
 
 
@@ -52,8 +53,9 @@ class LayerStore:
     `fixed_bytes` (embedding, head, final norm), the figure the budget bounds.
     """
 
-    def __init__(self, gguf: GGUFFile, n_layers: int, budget_bytes: int, fixed_bytes: int):
+    def __init__(self, gguf: GGUFFile, n_layers: int, budget_bytes: int, fixed_bytes: int, native: bool = False):
         self._gguf = gguf
+        self.native = native
         self.n_layers = n_layers
         self.budget_bytes = budget_bytes
         self.fixed_bytes = fixed_bytes
@@ -73,13 +75,20 @@ class LayerStore:
         return {role: self._gguf.tensors[f"blk.{layer}.{suffix}"] for role, suffix in LAYER_TENSORS.items()}
 
     def _file_bytes(self, layer: int) -> int:
-        return sum(t.nbytes for t in self._tensors(layer).values())
+        """Bytes block `layer` takes once loaded: its tensors' file bytes, or their repacked size when native."""
+        tensors = self._tensors(layer).values()
+        if not self.native:
+            return sum(t.nbytes for t in tensors)
+        return sum(
+            repacked_nbytes(w.kind, *w.shape) if isinstance(w, QuantizedTensor) else t.nbytes
+            for t, w in ((t, host_weight(t)) for t in tensors)
+        )
 
     def _load(self, layer: int) -> LayerParams:
         weights = {}
         for role, tensor in self._tensors(layer).items():
             host = host_weight(tensor)
-            weights[role] = jax.tree.map(lambda a: jnp.array(np.asarray(a)), host)
+            weights[role] = to_device(host, self.native) if self.native else jax.tree.map(jnp.array, host)
             release_pages(tensor)
         self.loads += 1
         return LayerParams(**weights)

@@ -1,4 +1,8 @@
-"""Map a `llama` GGUF file onto `LlamaParams`, losslessly: quantized blocks stay packed, nothing is requantized."""
+"""Map a `llama` GGUF file onto `LlamaParams`, losslessly: quantized blocks stay packed, nothing is requantized.
+
+With `native=True` the blocks are repacked (still lossless) into the layout of the native kernels
+(`hyperjax.kernels.native`) on the host, before they reach the device: one copy of each weight either way.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +14,8 @@ import numpy as np
 
 from hyperjax.errors import GGUFError, UnsupportedTensorTypeError
 from hyperjax.io.gguf import GGUFFile, GGUFTensor, release_pages
-from hyperjax.kernels.quant import QuantizedTensor, from_gguf_blocks
+from hyperjax.kernels.native import repack
+from hyperjax.kernels.quant import GGUF_GROUP, QuantizedTensor, from_gguf_blocks
 from hyperjax.models.llama import LayerParams, LlamaConfig, LlamaParams, Weight
 
 SUPPORTED_ARCHITECTURES = ("llama",)
@@ -49,7 +54,14 @@ def host_weight(tensor: GGUFTensor) -> QuantizedTensor | np.ndarray:
     raise UnsupportedTensorTypeError(f"tensor '{tensor.name}' has unsupported type {tensor.ggml_type}")
 
 
-def _stack(tensors: list[GGUFTensor], role: str, path: os.PathLike) -> Weight:
+def to_device(weight: QuantizedTensor | np.ndarray, native: bool = False) -> Weight:
+    """Host weight → device arrays; GGUF blocks repacked for the native kernels when `native`."""
+    if native and isinstance(weight, QuantizedTensor) and weight.group_size == GGUF_GROUP:
+        weight = repack(weight)
+    return jax.tree.map(jnp.asarray, weight)
+
+
+def _stack(tensors: list[GGUFTensor], role: str, path: os.PathLike, native: bool = False) -> Weight:
     """Stack one role's per-layer tensors along a new leading axis, filled layer by layer into one host buffer."""
     types = {t.ggml_type for t in tensors}
     if len(types) != 1:
@@ -63,10 +75,10 @@ def _stack(tensors: list[GGUFTensor], role: str, path: os.PathLike) -> Weight:
         for buffer, leaf in zip(stacked, jax.tree.leaves(host_weight(tensor)), strict=True):
             buffer[i] = leaf
         release_pages(tensor)
-    return jax.tree.unflatten(treedef, [jnp.asarray(buffer) for buffer in stacked])
+    return to_device(jax.tree.unflatten(treedef, stacked), native)
 
 
-def resident_params_from_gguf(gguf: GGUFFile) -> tuple[LlamaConfig, LlamaParams]:
+def resident_params_from_gguf(gguf: GGUFFile, native: bool = False) -> tuple[LlamaConfig, LlamaParams]:
     """Config, and parameters without decoder blocks (`layers` is None): embedding, final norm, output head."""
     path = gguf.path
     embed_tensor = _tensor(gguf, "token_embd.weight")
@@ -76,7 +88,7 @@ def resident_params_from_gguf(gguf: GGUFFile) -> tuple[LlamaConfig, LlamaParams]
     _check_shape(embed_tensor, (config.vocab_size, config.dim), path)
 
     def device_weight(tensor: GGUFTensor) -> Weight:
-        weight = jax.tree.map(jnp.asarray, host_weight(tensor))
+        weight = to_device(host_weight(tensor), native)
         release_pages(tensor)
         return weight
 
@@ -124,9 +136,9 @@ def check_layer_shapes(gguf: GGUFFile, config: LlamaConfig) -> dict[str, list[GG
     return per_role
 
 
-def params_from_gguf(gguf: GGUFFile) -> tuple[LlamaConfig, LlamaParams]:
+def params_from_gguf(gguf: GGUFFile, native: bool = False) -> tuple[LlamaConfig, LlamaParams]:
     """Config and packed parameters of a llama GGUF; raises GGUFError on a missing or misshapen tensor."""
-    config, resident = resident_params_from_gguf(gguf)
+    config, resident = resident_params_from_gguf(gguf, native)
     per_role = check_layer_shapes(gguf, config)
-    layers = LayerParams(**{role: _stack(ts, role, gguf.path) for role, ts in per_role.items()})
+    layers = LayerParams(**{role: _stack(ts, role, gguf.path, native) for role, ts in per_role.items()})
     return config, LlamaParams(resident.embed, layers, resident.final_norm, resident.output)

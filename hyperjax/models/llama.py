@@ -1,7 +1,8 @@
 """Llama-style decoder (RMSNorm, RoPE, grouped-query attention, SwiGLU) over packed weights.
 
-Parameters are plain pytrees; every weight matrix is either a `QuantizedTensor` (kept packed, dequantized block by
-block inside the matmul) or a float array, so the same forward runs the int4 model and its fp32 twin. Layers are
+Parameters are plain pytrees; every weight matrix is a `QuantizedTensor` (kept packed, dequantized block by block
+inside the matmul), a `NativeWeight` (the same blocks repacked for the native kernels) or a float array, so the
+same forward runs the int4 model on either kernel path and its fp32 twin. Layers are
 stacked along a leading axis and run under `lax.scan`, which keeps compile time independent of depth.
 
 Shapes: B batch, T tokens in this call, S cache length, H query heads, K key/value heads, D head dim, E model dim.
@@ -16,7 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from hyperjax.errors import GGUFError
-from hyperjax.kernels.native import NativeWeight, native_qmatmul
+from hyperjax.kernels.native import NativeWeight, decode_attention, native_qmatmul, unpack_rows
 from hyperjax.kernels.quant import QuantizedTensor, dequantize, qmatmul, take_rows
 from hyperjax.kernels.sparse import Q4CSR, to_dense
 from hyperjax.kernels.sparse import matmul as sparse_matmul
@@ -135,6 +136,9 @@ def linear(x: jax.Array, w: Weight, layer: jax.Array | None = None) -> jax.Array
 
 def embed_tokens(embed: Weight, tokens: jax.Array) -> jax.Array:
     """tokens int32 (B, T) -> float32 (B, T, E), dequantizing only the rows used."""
+    if isinstance(embed, NativeWeight):
+        flat = dequantize(unpack_rows(embed, tokens.reshape(-1)))
+        return flat.reshape(*tokens.shape, -1)
     if isinstance(embed, QuantizedTensor):
         flat = take_rows(embed, tokens.reshape(-1))
         return flat.reshape(*tokens.shape, -1)
@@ -161,22 +165,42 @@ def rope(x: jax.Array, positions: jax.Array, base: float) -> jax.Array:
 
 
 def attention(
-    q: jax.Array, keys: jax.Array, values: jax.Array, positions: jax.Array, valid_end: jax.Array
+    q: jax.Array,
+    keys: jax.Array,
+    values: jax.Array,
+    past_keys: jax.Array,
+    past_values: jax.Array,
+    start: jax.Array,
 ) -> jax.Array:
-    """Causal grouped-query attention over the cache.
+    """Causal grouped-query attention of a call's queries over the cache's past and the call's own keys.
 
-    q (B, T, H, D); keys/values (B, S, K, D); positions (B, T) absolute query positions; valid_end (B,) number of
-    cache slots written. Query at position p sees cache slots s ≤ p and s < valid_end. Returns (B, T, H, D).
+    q (B, T, H, D); keys/values (B, T, K, D) of this call's tokens; past_keys/past_values (B, S, K, D) the cache as
+    it was before this call, whose slots < start are valid. Query t sees every valid past slot and this call's
+    keys 0..t. The cache is only read here (the caller writes the new keys once, after every block), so XLA reads it
+    in place. Returns float32 (B, T, H, D).
     """
     b, t, h, d = q.shape
-    k_heads = keys.shape[2]
-    q = q.reshape(b, t, k_heads, h // k_heads, d)
-    scores = jnp.einsum("btkgd,bskd->bkgts", q, keys.astype(jnp.float32)) / jnp.sqrt(jnp.float32(d))
-    slots = jnp.arange(keys.shape[1])
-    visible = (slots[None, None, :] <= positions[:, :, None]) & (slots[None, None, :] < valid_end[:, None, None])
-    scores = jnp.where(visible[:, None, None], scores, -jnp.inf)
+    k_heads, s = keys.shape[2], past_keys.shape[1]
+    q = q.reshape(b, t, k_heads, h // k_heads, d) / jnp.sqrt(jnp.float32(d))
+    past_keys, past_values = past_keys.astype(jnp.float32), past_values.astype(jnp.float32)
+    past_visible = jnp.arange(s) < start
+    if t == 1:
+        # One query (decoding): products and sums rather than dots, which XLA fuses with the read of the layer's
+        # cache slice; a dot would first copy (and transpose) it.
+        q1 = q[:, 0]  # (B, K, G, D)
+        past = jnp.sum(q1[:, None] * past_keys[:, :, :, None, :], axis=-1)  # (B, S, K, G)
+        own = jnp.sum(q1 * keys[:, 0, :, None, :], axis=-1)[:, None]  # (B, 1, K, G)
+        probs = jax.nn.softmax(jnp.concatenate([jnp.where(past_visible[:, None, None], past, -jnp.inf), own], 1), 1)
+        out = jnp.sum(probs[:, :s, ..., None] * past_values[:, :, :, None, :], axis=1)
+        out = out + probs[:, s, ..., None] * values[:, 0, :, None, :]  # (B, K, G, D)
+        return out.reshape(b, 1, h, d)
+    past = jnp.einsum("btkgd,bskd->bkgts", q, past_keys)
+    own = jnp.einsum("btkgd,bukd->bkgtu", q, keys)
+    causal = jnp.tril(jnp.ones((t, t), bool))
+    scores = jnp.concatenate([jnp.where(past_visible, past, -jnp.inf), jnp.where(causal, own, -jnp.inf)], axis=-1)
     probs = jax.nn.softmax(scores, axis=-1)
-    out = jnp.einsum("bkgts,bskd->btkgd", probs, values.astype(jnp.float32))
+    out = jnp.einsum("bkgts,bskd->btkgd", probs[..., :s], past_values)
+    out = out + jnp.einsum("bkgtu,bukd->btkgd", probs[..., s:], values)
     return out.reshape(b, t, h, d)
 
 
@@ -184,61 +208,50 @@ def _block(
     config: LlamaConfig,
     x: jax.Array,
     layer: LayerParams,
-    keys: jax.Array,
-    values: jax.Array,
+    past_keys: jax.Array,
+    past_values: jax.Array,
     start: jax.Array,
-    positions: jax.Array,
-    valid_end: jax.Array,
     index: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """One decoder block on x (B, T, E); writes this call's K/V at cache slots start..start+T.
+    """One decoder block on x (B, T, E) at positions start..start+T; returns x and this call's keys/values
+    (B, T, K, D), which the caller writes to the cache.
 
-    `layer` is one block's parameters, or (with `index`) the stack of all blocks and the one to run.
+    `layer` and past_keys/past_values (B, S, K, D) are one block's parameters and cache, or (with `index`) the
+    stacks of every block (cache (L, B, S, K, D)) and the one to run.
     """
     b, t, _ = x.shape
     hd = config.head_dim
+    positions = jnp.broadcast_to(start + jnp.arange(t, dtype=jnp.int32), (b, t))
 
     def mm(h: jax.Array, w: Weight) -> jax.Array:
         return linear(h, w, index)
 
-    def norm_weight(w: jax.Array) -> jax.Array:
-        return w if index is None else w[index]
+    def this_layer(a: jax.Array) -> jax.Array:
+        return a if index is None else jax.lax.dynamic_index_in_dim(a, index, keepdims=False)
 
-    h = rms_norm(x, norm_weight(layer.attn_norm), config.norm_eps)
+    h = rms_norm(x, this_layer(layer.attn_norm), config.norm_eps)
     q = rope(mm(h, layer.wq).reshape(b, t, config.n_heads, hd), positions, config.rope_base)
     k = rope(mm(h, layer.wk).reshape(b, t, config.n_kv_heads, hd), positions, config.rope_base)
     v = mm(h, layer.wv).reshape(b, t, config.n_kv_heads, hd)
-    keys = jax.lax.dynamic_update_slice(keys, k.astype(keys.dtype), (0, start, 0, 0))
-    values = jax.lax.dynamic_update_slice(values, v.astype(values.dtype), (0, start, 0, 0))
-    attn = attention(q, keys, values, positions, valid_end)
+    if t == 1 and isinstance(layer.wq, NativeWeight):  # the native path decodes with the native attention too
+        stacks = (past_keys, past_values) if index is not None else (past_keys[None], past_values[None])
+        attn = decode_attention(q, k, v, *stacks, 0 if index is None else index, start)
+    else:
+        attn = attention(q, k, v, this_layer(past_keys), this_layer(past_values), start)
     x = x + mm(attn.reshape(b, t, config.n_heads * hd), layer.wo)
-    h = rms_norm(x, norm_weight(layer.ffn_norm), config.norm_eps)
+    h = rms_norm(x, this_layer(layer.ffn_norm), config.norm_eps)
     x = x + mm(jax.nn.silu(mm(h, layer.w_gate)) * mm(h, layer.w_up), layer.w_down)
-    return x, keys, values
-
-
-def positions_for(tokens: jax.Array, start: jax.Array, n_valid: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Absolute positions (B, T) of a call's tokens and the cache end (B,) after it."""
-    b, t = tokens.shape
-    positions = jnp.broadcast_to(start + jnp.arange(t, dtype=jnp.int32), (b, t))
-    return positions, jnp.full((b,), start + n_valid, dtype=jnp.int32)
+    return x, k, v
 
 
 def block_forward(
-    config: LlamaConfig,
-    x: jax.Array,
-    layer: LayerParams,
-    keys: jax.Array,
-    values: jax.Array,
-    start: jax.Array,
-    n_valid: jax.Array,
-    index: jax.Array | None = None,
+    config: LlamaConfig, x: jax.Array, layer: LayerParams, keys: jax.Array, values: jax.Array, start: jax.Array
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """One decoder block for a call of T tokens at `start` (n_valid real): x (B, T, E), one layer's cache.
-
-    `layer` is one block, or with `index` the stacked blocks and which to run."""
-    positions, valid_end = positions_for(x[..., 0], start, n_valid)
-    return _block(config, x, layer, keys, values, start, positions, valid_end, index)
+    """One block (its own parameters) on x (B, T, E) at `start`, with its cache (B, S, K, D) updated."""
+    x, k, v = _block(config, x, layer, keys, values, start)
+    keys = jax.lax.dynamic_update_slice(keys, k.astype(keys.dtype), (0, start, 0, 0))
+    values = jax.lax.dynamic_update_slice(values, v.astype(values.dtype), (0, start, 0, 0))
+    return x, keys, values
 
 
 def output_logits(
@@ -268,20 +281,26 @@ def forward(
     """
     x = embed_tokens(params.embed, tokens)
 
-    def step(x: jax.Array, index_and_cache: tuple[jax.Array, jax.Array, jax.Array]):
-        index, keys, values = index_and_cache
-        x, keys, values = block_forward(config, x, params.layers, keys, values, start, n_valid, index)
-        return x, (keys, values)
+    def step(x: jax.Array, index: jax.Array) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+        x, k, v = _block(config, x, params.layers, cache.keys, cache.values, start, index)
+        return x, (k.astype(cache.keys.dtype), v.astype(cache.values.dtype))
 
-    indices = jnp.arange(config.n_layers, dtype=jnp.int32)
-    x, (keys, values) = jax.lax.scan(step, x, (indices, cache.keys, cache.values))
+    # The blocks only read the cache; this call's keys/values (L, B, T, K, D) go in with one in-place write.
+    x, (keys, values) = jax.lax.scan(step, x, jnp.arange(config.n_layers, dtype=jnp.int32))
+    keys = jax.lax.dynamic_update_slice(cache.keys, keys, (0, 0, start, 0, 0))
+    values = jax.lax.dynamic_update_slice(cache.values, values, (0, 0, start, 0, 0))
     return output_logits(params, config, x, n_valid, all_logits), KVCache(keys, values, cache.length)
 
 
 def dequantize_params(params: LlamaParams) -> LlamaParams:
     """The fp32 twin of a packed or sparse model (for comparisons and benchmarks only: 4 bytes per weight)."""
 
+    def dequantize_native(w: NativeWeight) -> jax.Array:
+        return dequantize(unpack_rows(w, jnp.arange(w.rows)))
+
     def convert(leaf: Any) -> Any:
+        if isinstance(leaf, NativeWeight):
+            return jax.vmap(dequantize_native)(leaf) if leaf.data.ndim == 3 else dequantize_native(leaf)
         if isinstance(leaf, QuantizedTensor):
             if leaf.packed.ndim == 3:
                 return jax.vmap(dequantize)(leaf)
@@ -290,4 +309,5 @@ def dequantize_params(params: LlamaParams) -> LlamaParams:
             return jax.vmap(to_dense)(leaf) if leaf.indices.ndim == 2 else to_dense(leaf)
         return leaf
 
-    return jax.tree.map(convert, params, is_leaf=lambda leaf: isinstance(leaf, QuantizedTensor | Q4CSR))
+    packed = QuantizedTensor | NativeWeight | Q4CSR
+    return jax.tree.map(convert, params, is_leaf=lambda leaf: isinstance(leaf, packed))

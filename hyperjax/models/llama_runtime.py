@@ -27,6 +27,9 @@ from hyperjax.models.llama import (
 )
 
 PREFILL_CHUNK = 256
+# Decoding steps hand only dots to XLA:CPU's YNNPACK fusions: a YNNPACK reduction needs its operands in buffers of
+# their own, which costs a copy of each layer's cache slice per token; XLA's own reductions read it in place.
+DECODE_COMPILER_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_DOT"}
 
 
 def prefill_bucket(n: int) -> int:
@@ -39,7 +42,20 @@ def prefill_bucket(n: int) -> int:
 
 @partial(jax.jit, static_argnames=("config", "all_logits"), donate_argnames=("cache",))
 def _forward_jit(params, config, tokens, start, n_valid, cache, all_logits=False):
-    return forward(params, config, tokens, start, n_valid, cache, all_logits=all_logits)
+    """`forward` for the decoder's one sequence: logits (T, V) or (V,), indexed inside the executable (indexing
+    the result from Python would dispatch one more computation per token)."""
+    logits, cache = forward(params, config, tokens, start, n_valid, cache, all_logits=all_logits)
+    return logits[0], cache
+
+
+def _compile(lowered: jax.stages.Lowered, options: dict[str, str] | None) -> jax.stages.Compiled:
+    """Compile with XLA options when this jaxlib knows them, else with its defaults (same results, slower)."""
+    if options:
+        try:
+            return lowered.compile(compiler_options=options)
+        except jax.errors.JaxRuntimeError:
+            pass
+    return lowered.compile()
 
 
 class LlamaDecoder:
@@ -69,7 +85,7 @@ class LlamaDecoder:
             lowered = _forward_jit.lower(
                 self.params, self.config, token_spec, scalar, scalar, cache, all_logits=all_logits
             )
-            self._compiled[key] = lowered.compile()
+            self._compiled[key] = _compile(lowered, DECODE_COMPILER_OPTIONS if tokens == 1 else None)
             self.last_timings["compile_seconds"] = self.last_timings.get("compile_seconds", 0.0) + (
                 time.perf_counter() - t0
             )
@@ -86,7 +102,7 @@ class LlamaDecoder:
             padded = np.zeros((1, bucket), np.int32)
             padded[0, : len(chunk)] = chunk
             logits, cache = self._run_chunk(padded, start + offset, len(chunk), cache, all_logits)
-            outputs.append(logits[0, : len(chunk)] if all_logits else logits[0])
+            outputs.append(logits[: len(chunk)] if all_logits else logits)
         return (jnp.concatenate(outputs) if all_logits else outputs[-1]), cache
 
     def _run_chunk(
@@ -109,8 +125,7 @@ class LlamaDecoder:
         return self.run(prompt_ids, 0, self.new_cache(capacity))
 
     def step(self, state: KVCache, token: int, position: int) -> tuple[jax.Array, KVCache]:
-        logits, cache = self._run_chunk(np.array([[token]], np.int32), position, 1, state, False)
-        return logits[0], cache
+        return self._run_chunk(np.array([[token]], np.int32), position, 1, state, False)
 
 
 _embed_jit = jax.jit(embed_tokens)
@@ -146,6 +161,6 @@ class StreamingLlamaDecoder(LlamaDecoder):
         keys, values = list(cache.keys), list(cache.values)
         for i in range(self.config.n_layers):
             layer = self.store.get(i)
-            x, keys[i], values[i] = _block_jit(self.config, x, layer, keys[i], values[i], start_, n_valid_)
-        logits = _head_jit(self.params, self.config, x, n_valid_, all_logits)
+            x, keys[i], values[i] = _block_jit(self.config, x, layer, keys[i], values[i], start_)
+        logits = _head_jit(self.params, self.config, x, n_valid_, all_logits)[0]  # the one sequence
         return logits, KVCache(tuple(keys), tuple(values), cache.length)

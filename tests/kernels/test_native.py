@@ -17,11 +17,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from gguf import GGMLQuantizationType
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from hyperjax.errors import QuantizationError
 from hyperjax.kernels import native
-from hyperjax.kernels.native import build
-from hyperjax.kernels.quant import KINDS, QuantizedTensor, from_gguf_blocks, qmatmul, quantize
+from hyperjax.kernels.quant import KINDS, QuantizedTensor, dequantize, from_gguf_blocks, qmatmul, quantize
 
 GGML = {
     "q4_0": GGMLQuantizationType.Q4_0,
@@ -33,18 +34,8 @@ Case = tuple[np.ndarray, np.ndarray, QuantizedTensor]  # x, GGUF block bytes, th
 
 
 @pytest.fixture(scope="module", autouse=True)
-def library():
-    """Build the library when it is missing or older than its sources; skip only when it is unusable and no
-    compiler can build it."""
-    path = native.library_path()
-    sources = [*build.SOURCE_DIR.glob("*.cc"), *build.SOURCE_DIR.glob("*.h")]
-    stale = path is None or any(p.stat().st_mtime > path.stat().st_mtime for p in sources)
-    if stale and build.compiler() is not None:
-        build.build()
-    if build.compiler() is None and not native.available():
-        reason = native.unavailable_reason()
-        pytest.skip(f"native kernels unavailable, no C++ compiler to build them: {reason}")
-    assert native.load(), native.unavailable_reason()
+def library(native_library):
+    """Every test here runs on the loaded library and leaves the kernel family and thread count as it found them."""
     yield
     native.set_isa("auto")
     native.set_num_threads(None)
@@ -228,6 +219,25 @@ def test_repack_layout() -> None:
     assert np.all(data[1, 4 * 4 : 4 * 16] == 0)  # padded rows 20..31 of the last group are zero
 
 
+@settings(max_examples=25, deadline=None)
+@given(
+    kind=st.sampled_from(KINDS),
+    rows=st.integers(1, 40),
+    blocks=st.integers(1, 3),
+    seed=st.integers(0, 2**16),
+    data=st.data(),
+)
+def test_unpack_rows_inverts_repack(kind: str, rows: int, blocks: int, seed: int, data) -> None:
+    """unpack_rows(repack(W), ids) returns exactly W's GGUF blocks for those rows (ids past the end clamp)."""
+    _, _, qt = _case(seed, kind, rows, 32 * blocks, 1)
+    ids = np.array(data.draw(st.lists(st.integers(0, rows + 2), min_size=1, max_size=6)))
+    back = jax.jit(native.unpack_rows)(jax.tree.map(jnp.asarray, native.repack(qt)), jnp.asarray(ids))
+    kept = np.minimum(ids, rows - 1)
+    for got, want in zip(jax.tree.leaves(back), jax.tree.leaves(qt), strict=True):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want)[kept])
+    np.testing.assert_array_equal(np.asarray(dequantize(back)), np.asarray(dequantize(qt))[kept])
+
+
 def test_named_errors() -> None:
     x, _, qt = _case(1, "q8_0", 8, 64, 1)
     w = native.repack(qt)
@@ -257,3 +267,36 @@ def test_real_model_weights(smollm2_path) -> None:
         qt = from_gguf_blocks(raw, kind, (rows, cols))
         x = (rng.standard_t(3, (2, cols))).astype(np.float32)
         _assert_close(np.asarray(native.native_qmatmul(jnp.asarray(x), native.repack(qt))), x, raw, qt)
+
+
+@pytest.mark.parametrize(("batch", "slots", "kv_heads", "groups", "dim"), [(1, 16, 3, 3, 64), (2, 33, 2, 1, 8)])
+def test_decode_attention_matches_reference(batch: int, slots: int, kv_heads: int, groups: int, dim: int) -> None:
+    """The native decoding step equals the pure-JAX attention for every layer of a stacked cache and every number
+    of valid slots, from an empty cache (the token sees only itself) to a full one."""
+    from hyperjax.models.llama import attention
+
+    rng = np.random.default_rng(slots)
+    layers, heads = 3, kv_heads * groups
+    cache_k, cache_v = (jnp.asarray(rng.standard_normal((layers, batch, slots, kv_heads, dim)), jnp.float32) * 2
+                        for _ in range(2))
+    q = jnp.asarray(rng.standard_normal((batch, 1, heads, dim)), jnp.float32) * 2
+    k, v = (jnp.asarray(rng.standard_normal((batch, 1, kv_heads, dim)), jnp.float32) for _ in range(2))
+    step = jax.jit(native.decode_attention)
+    for layer in range(layers):
+        for start in (0, 1, slots // 2, slots):
+            got = step(q, k, v, cache_k, cache_v, layer, start)
+            want = attention(q, k, v, cache_k[layer], cache_v[layer], start)
+            np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
+
+
+def test_decode_attention_errors() -> None:
+    cache = jnp.zeros((2, 1, 8, 2, 4))
+    q, kv = jnp.zeros((1, 1, 4, 4)), jnp.zeros((1, 1, 2, 4))
+    with pytest.raises(native.NativeKernelError, match="decode_attention takes"):
+        native.decode_attention(jnp.zeros((1, 2, 4, 4)), kv, kv, cache, cache, 0, 0)
+    with pytest.raises(native.NativeKernelError, match="decode_attention takes"):
+        native.decode_attention(q, jnp.zeros((1, 1, 3, 4)), kv, cache, cache, 0, 0)
+    with pytest.raises(Exception, match="outside the cache"):
+        jax.block_until_ready(native.decode_attention(q, kv, kv, cache, cache, 2, 0))
+    with pytest.raises(Exception, match="outside the cache"):
+        jax.block_until_ready(native.decode_attention(q, kv, kv, cache, cache, 0, 9))

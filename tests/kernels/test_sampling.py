@@ -20,6 +20,7 @@ from hyperjax.kernels.sampling import (
     SamplingConfig,
     apply_repetition_penalty,
     filter_logits,
+    greedy,
     init_recent,
     sample_token,
     update_recent,
@@ -90,6 +91,13 @@ def test_greedy_is_argmax(x, seed):
     np.testing.assert_array_equal(_sample(key, x, hot), np.argmax(x, -1))
     only_max = np.isfinite(np.asarray(_filter(x, hot)))
     np.testing.assert_array_equal(only_max, x == x.max(-1, keepdims=True))
+
+
+@SETTINGS
+@given(x=arrays(np.float32, (4, 9), elements=st.sampled_from([-np.inf, -1.0, 0.0, 2.5, np.inf, np.nan])))
+def test_greedy_returns_what_argmax_returns(x):
+    """Ties, infinities and NaN included: the first maximal index, or the first NaN's."""
+    np.testing.assert_array_equal(np.asarray(jax.jit(greedy)(jnp.asarray(x))), np.argmax(x, -1))
 
 
 @SETTINGS

@@ -1,4 +1,5 @@
-"""Parity with llama.cpp on SmolLM2-135M-Instruct Q4_1 (reference outputs in ../shared/reference)."""
+"""Parity with llama.cpp on SmolLM2-135M-Instruct Q4_1 (reference outputs in ../shared/reference), on both kernel
+paths: the pure-JAX kernels (float activations) and the native ones (int8 activations, as llama.cpp)."""
 
 from __future__ import annotations
 
@@ -13,13 +14,23 @@ REFERENCE = SHARED / "reference" / "smollm2_q4_1_llamacpp.json"
 CASES = json.loads(REFERENCE.read_text())["cases"]
 
 
+@pytest.fixture(scope="module", params=["jax", "native"])
+def kernel_model(request, smollm2_path, native_library):
+    """SmolLM2 on each kernel path."""
+    import hyperjax
+
+    model = hyperjax.load(smollm2_path, kernels=request.param)
+    assert model.kernels == request.param
+    return model
+
+
 @pytest.fixture(scope="module")
-def teacher_forced(smollm2_model):
+def teacher_forced(kernel_model):
     """Per case: hyperjax logits over prompt + llama.cpp's greedy tokens, and llama.cpp's top-5."""
     out = []
     for case in CASES:
         tokens = case["prompt_tokens"] + case["greedy_tokens"]
-        logits = smollm2_model.logits(tokens)
+        logits = kernel_model.logits(tokens)
         out.append((logits, np.array(case["teacher_forced_top5_ids"]), np.array(case["teacher_forced_top5_logits"])))
     return out
 
@@ -55,10 +66,10 @@ def test_teacher_forced_logits_close_to_llama_cpp(teacher_forced):
     assert diffs.max() <= 1.5, f"max |Δlogit| = {diffs.max():.3f}"
 
 
-def test_greedy_generation_follows_llama_cpp(smollm2_model):
+def test_greedy_generation_follows_llama_cpp(kernel_model):
     """Greedy decoding through the KV cache reproduces llama.cpp's tokens until their first near-tie."""
     case = CASES[0]
-    result = smollm2_model.generate(case["prompt"], max_tokens=16, temperature=0.0)
+    result = kernel_model.generate(case["prompt"], max_tokens=16, temperature=0.0)
     margins = np.array(case["teacher_forced_top5_logits"])[:, 0] - np.array(case["teacher_forced_top5_logits"])[:, 1]
     n_prompt = len(case["prompt_tokens"])
     unambiguous = next(

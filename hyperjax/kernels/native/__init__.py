@@ -1,4 +1,5 @@
-"""Native CPU matmul for GGUF block formats (Q4_0, Q4_1, Q8_0), called from jitted JAX code through jax.ffi.
+"""Native CPU kernels called from jitted JAX code through jax.ffi: matmul for GGUF block formats (Q4_0, Q4_1,
+Q8_0), and one decoding step of attention over a KV cache.
 
 The kernels live in `_qmatmul.so` beside this module (`python -m hyperjax.kernels.native.build` compiles it),
 loaded on first use. Nothing here builds or raises at import: when the library is missing or unusable,
@@ -8,6 +9,7 @@ loaded on first use. Nothing here builds or raises at import: when the library i
     w = repack(qt)                  # once, at load time: QuantizedTensor → NativeWeight (numpy, lossless)
     y = native_qmatmul(x, w)        # x (..., cols) → y (..., rows) float32, inside or outside jax.jit
     y = native_qmatmul(x, ws, i)    # ws repacked from a stack (layers, rows, cols): layer i (traced or not)
+    o = decode_attention(q, k, v, cache_k, cache_v, i, start)   # one query per sequence, cache read in place
 
 The kernel quantizes x to int8 per 32-block (scale amax/127) and multiplies with integer dot products (AVX-512
 VNNI, AVX2 or portable C++, chosen at run time), threaded over row groups on a persistent pool of
@@ -31,12 +33,13 @@ import numpy as np
 from hyperjax.errors import HyperjaxError, QuantizationError
 from hyperjax.kernels.quant import GGUF_GROUP, QuantizedTensor
 
-ABI_VERSION = 3  # must equal kAbiVersion in layout.h
+ABI_VERSION = 4  # must equal kAbiVersion in layout.h
 GROUP_ROWS = 16  # rows interleaved in one group of the repacked layout
 LIBRARY_GLOB = "_qmatmul*.so"
 ISAS = ("scalar", "avx2", "avx512_vnni")
 _QUANT_BYTES = {"q4_0": 16, "q4_1": 16, "q8_0": 32}  # per row and 32-weight block
 _TARGETS = {kind: f"hyperjax_{kind}_matmul" for kind in _QUANT_BYTES}
+_ATTENTION_TARGET = "hyperjax_decode_attention"
 
 _lib: ctypes.CDLL | None = None
 _reason: str | None = None
@@ -80,7 +83,7 @@ def load(path: Path | None = None) -> bool:
         lib.hyperjax_native_num_threads.restype = ctypes.c_int
         lib.hyperjax_native_set_num_threads.argtypes = [ctypes.c_int]
         lib.hyperjax_native_set_num_threads.restype = None
-        for target in _TARGETS.values():
+        for target in (*_TARGETS.values(), _ATTENTION_TARGET):
             jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, target)), platform="cpu")
     except (OSError, AttributeError, RuntimeError, ValueError) as e:
         _reason = f"cannot load {path}: {e}"
@@ -160,6 +163,11 @@ def group_stride(kind: str, cols: int) -> int:
     return -(-(cols // GGUF_GROUP) * block_bytes(kind) // 64) * 64
 
 
+def repacked_nbytes(kind: str, rows: int, cols: int) -> int:
+    """Bytes `repack` makes of a (rows, cols) weight: whole 16-row groups of group_stride bytes."""
+    return -(-rows // GROUP_ROWS) * group_stride(kind, cols)
+
+
 def _pad_rows(a: np.ndarray, axis: int, value: int = 0) -> np.ndarray:
     """Pad `axis` (rows) with `value` up to a multiple of GROUP_ROWS."""
     pad = [(0, 0)] * a.ndim
@@ -203,6 +211,37 @@ def repack(qt: QuantizedTensor) -> NativeWeight:
     return NativeWeight(np.pad(data, pad), qt.kind, rows, cols)
 
 
+def unpack_rows(w: NativeWeight, ids: jax.Array) -> QuantizedTensor:
+    """Rows `ids` (int (n,)) of a 2-D native weight as GGUF blocks: the inverse of `repack`, pure JAX, jit-able.
+
+    Reads only the 16-row groups holding those rows (an embedding lookup on a tied output head needs no second,
+    unpacked copy of the table). Out-of-range ids are clamped, as jitted indexing is.
+    """
+    if w.data.ndim != 2:
+        raise NativeKernelError(f"unpack_rows needs a 2-D weight, got data of shape {w.data.shape}")
+    ids = jnp.clip(jnp.asarray(ids, jnp.int32), 0, w.rows - 1)
+    qbytes, blocks = _QUANT_BYTES[w.kind], w.cols // GGUF_GROUP
+    rows_in_group = (ids % GROUP_ROWS)[:, None, None, None]
+    group = w.data[ids // GROUP_ROWS, : blocks * block_bytes(w.kind)].reshape(len(ids), blocks, -1)
+
+    def row_run(start: int, width: int) -> jax.Array:
+        """Bytes [start, start + 16·width) of each block, as (n, blocks, width // 4, 4): the chosen row's run."""
+        run = group[..., start : start + GROUP_ROWS * width].reshape(len(ids), blocks, -1, GROUP_ROWS, 4)
+        return jnp.take_along_axis(run, rows_in_group[..., None], axis=3)[..., 0, :]
+
+    def halves(start: int) -> jax.Array:
+        run = group[..., start : start + 2 * GROUP_ROWS].reshape(len(ids), blocks, GROUP_ROWS, 2)
+        pair = jnp.take_along_axis(run, rows_in_group, axis=2)[..., 0, :]
+        return jax.lax.bitcast_convert_type(pair, jnp.float16)
+
+    quants = row_run(0, qbytes).reshape(len(ids), -1)
+    scales = halves(GROUP_ROWS * qbytes)
+    mins = halves(GROUP_ROWS * (qbytes + 2)) if w.kind == "q4_1" else None
+    if w.kind == "q8_0":
+        quants = jax.lax.bitcast_convert_type(quants ^ jnp.uint8(0x80), jnp.int8)
+    return QuantizedTensor(quants, scales, mins, w.kind, GGUF_GROUP)
+
+
 def native_qmatmul(x: jax.Array, w: NativeWeight, layer: int | jax.Array | None = None) -> jax.Array:
     """x (..., cols) float → (..., rows) float32 ≈ x @ W.T, through the native kernel (jit-able).
 
@@ -231,3 +270,39 @@ def _ffi_matmul(x: jax.Array, data: jax.Array, layer: jax.Array, kind: str, rows
     )
     y = call(x2, stack, jnp.asarray(layer, jnp.int32), rows=np.int64(rows))
     return y.reshape(*x.shape[:-1], rows)
+
+
+def decode_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    cache_keys: jax.Array,
+    cache_values: jax.Array,
+    layer: int | jax.Array,
+    start: int | jax.Array,
+) -> jax.Array:
+    """One decoding step of causal grouped-query attention (jit-able): float32 (B, 1, H, D).
+
+    q (B, 1, H, D) this token's queries; k, v (B, 1, K, D) its key and value; cache_keys/cache_values
+    (L, B, S, K, D) float32 the cache before this token, of which layer `layer`'s first `start` slots are valid.
+    The query sees those slots and its own key. Only the valid slots are read, in place (no copy of the cache).
+    """
+    _library()
+    b, t, h, d = q.shape
+    if t != 1 or cache_keys.ndim != 5 or k.shape != (b, 1, cache_keys.shape[3], d):
+        raise NativeKernelError(
+            f"decode_attention takes q (B, 1, H, D), k/v (B, 1, K, D) and a cache (L, B, S, K, D); got q {q.shape}, "
+            f"k {k.shape}, cache {cache_keys.shape}"
+        )
+    call = jax.ffi.ffi_call(_ATTENTION_TARGET, jax.ShapeDtypeStruct((b, h, d), jnp.float32), vmap_method="sequential")
+    out = call(
+        q.reshape(b, h, d).astype(jnp.float32),
+        k.reshape(b, -1, d).astype(jnp.float32),
+        v.reshape(b, -1, d).astype(jnp.float32),
+        cache_keys.astype(jnp.float32),
+        cache_values.astype(jnp.float32),
+        jnp.asarray(layer, jnp.int32),
+        jnp.asarray(start, jnp.int32),
+    )
+    return out.reshape(b, 1, h, d)
+

@@ -23,7 +23,7 @@
 namespace hyperjax {
 
 // Bumped whenever the layout or the exported symbols change; the Python loader refuses a mismatching library.
-constexpr int kAbiVersion = 3;
+constexpr int kAbiVersion = 4;
 
 enum class Kind : int { kQ4_0 = 0, kQ4_1 = 1, kQ8_0 = 2 };
 constexpr int kNumKinds = 3;
