@@ -28,9 +28,10 @@ from hyperjax.io.llama_gguf import (
     resident_params_from_gguf,
 )
 from hyperjax.io.sparse_gguf import KINDS, SPARSE_ROLES, is_sparse, write_sparse_gguf
+from hyperjax.kernels.native import NativeWeight
 from hyperjax.kernels.quant import QuantizedTensor, dequantize
 from hyperjax.kernels.sparse import Q4CSR, from_dense, magnitude_mask, n_m_mask, stack
-from hyperjax.models.llama import LayerParams, LlamaConfig, LlamaParams
+from hyperjax.models.llama import LayerParams, LlamaConfig, LlamaParams, dequantize_params
 
 UNSTRUCTURED = "unstructured"
 KEPT_DENSE = "token embedding (tied output head), output head if separate, RMSNorm weights"
@@ -91,9 +92,9 @@ def sparsify_params(params: LlamaParams, config: LlamaConfig, spec: Sparsity) ->
     roles = {}
     for role in SPARSE_ROLES:
         stacked = getattr(params.layers, role)
-        if not isinstance(stacked, QuantizedTensor | jax.Array | np.ndarray):
+        if not isinstance(stacked, QuantizedTensor | NativeWeight | jax.Array | np.ndarray):
             raise SparsityError(f"cannot prune '{role}' of type {type(stacked).__name__}")
-        dense = np.asarray(jax.vmap(dequantize)(stacked) if isinstance(stacked, QuantizedTensor) else stacked)
+        dense = np.asarray(dequantize_params(stacked))  # (layers, rows, cols) float32 from either kernel layout
         roles[role] = stack([prune(np.asarray(w, np.float32), spec) for w in dense])
     return LlamaParams(params.embed, LayerParams(**{**vars(params.layers), **roles}), params.final_norm, params.output)
 

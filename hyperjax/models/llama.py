@@ -292,8 +292,9 @@ def forward(
     return output_logits(params, config, x, n_valid, all_logits), KVCache(keys, values, cache.length)
 
 
-def dequantize_params(params: LlamaParams) -> LlamaParams:
-    """The fp32 twin of a packed or sparse model (for comparisons and benchmarks only: 4 bytes per weight)."""
+def dequantize_params(params: Any) -> Any:
+    """The fp32 twin of a packed or sparse model, or of any pytree of its weights (for comparisons, benchmarks and
+    pruning only: 4 bytes per weight)."""
 
     def dequantize_native(w: NativeWeight) -> jax.Array:
         return dequantize(unpack_rows(w, jnp.arange(w.rows)))
