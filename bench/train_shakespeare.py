@@ -75,7 +75,8 @@ def run_one(name: str, args: argparse.Namespace) -> dict:
         losses.append(float(m["loss"]))
         step += 1
         if step % args.curve_every == 0:
-            curve.append({"step": step, "seconds": time.perf_counter() - start, "loss": losses[-1]})
+            point = {"step": step, "seconds": time.perf_counter() - start, "loss": losses[-1]}
+            curve.append(point | {k: float(m[k]) for k in ("lr", "momentum") if k in m})
     seconds = time.perf_counter() - start
     val_bpb = float(run.evaluate(state.params, val)) / math.log(2)
     tail = losses[-min(50, len(losses)) :]

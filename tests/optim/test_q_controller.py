@@ -10,13 +10,14 @@ import orbax.checkpoint as ocp
 import pytest
 
 from hyperjax.optim import QControllerState, controller_hyperparams, q_controller
-from hyperjax.optim.q_controller import NUM_ACTIONS
+from hyperjax.optim.q_controller import KEEP_ACTION, NUM_ACTIONS
 
 PARAMS = {"w": jnp.array([1.0, -2.0]), "b": jnp.array(0.5)}
 # Global norm 0.5: gradient-norm bin 2 (between edges 0.1 and 1), below the large-gradient threshold.
 GRADS = {"w": jnp.array([0.3, 0.0]), "b": jnp.array(0.4)}
-# Observation on the first step with defaults: flat trend, grad bin 2, no oscillation, LR bin 2, momentum 0.9 in bin 4.
-FIRST_OBS = (2, 2, 0, 2, 4)
+# Observation on the first step with defaults: flat trend, grad bin 2, no oscillation, LR and momentum at their base
+# values (scale 1: bin 2).
+FIRST_OBS = (2, 2, 0, 2, 2)
 
 
 def _assert_trees_equal(a, b) -> None:
@@ -48,20 +49,40 @@ def test_greedy_action_follows_q_table():
     assert controller_hyperparams(state)["action"] == action
 
 
-def test_clipped_to_ranges():
+def test_scales_apply_to_base_values_and_never_compound():
     tx = q_controller(0.1, 0.9, epsilon=0.0)
     step = jax.jit(tx.update)
     state = tx.init(PARAMS)
     state = state._replace(q_table=state.q_table.at[..., NUM_ACTIONS - 1].set(1.0))  # LR × 1.1, momentum × 1.02
     for _ in range(60):
         _, state = step(GRADS, state, PARAMS, loss=1.0)
-    np.testing.assert_allclose(state.learning_rate, 1.0, rtol=1e-6)  # 10 × base
-    np.testing.assert_allclose(state.momentum, 0.99, rtol=1e-6)  # 1.1 × base
+    np.testing.assert_allclose(state.learning_rate, 0.11, rtol=1e-6)
+    np.testing.assert_allclose(state.momentum, 0.918, rtol=1e-6)
+    assert tuple(state.observation[3:].tolist()) == (4, 4)  # the bins name the scales in effect
     state = state._replace(q_table=jnp.zeros_like(state.q_table).at[..., 0].set(1.0))  # LR × 0.9, momentum × 0.95
     for _ in range(60):
         _, state = step(GRADS, state, PARAMS, loss=1.0)
-    np.testing.assert_allclose(state.learning_rate, 0.01, rtol=1e-6)  # 0.1 × base
-    np.testing.assert_allclose(state.momentum, 0.45, rtol=1e-6)  # 0.5 × base
+    np.testing.assert_allclose(state.learning_rate, 0.09, rtol=1e-6)
+    np.testing.assert_allclose(state.momentum, 0.855, rtol=1e-6)
+    assert tuple(state.observation[3:].tolist()) == (0, 0)
+    high = q_controller(0.1, 0.99, epsilon=0.0)
+    state = high.init(PARAMS)
+    _, state = high.update(GRADS, state._replace(q_table=state.q_table.at[..., 4].set(1.0)), PARAMS, loss=1.0)
+    np.testing.assert_allclose(state.momentum, 0.999, rtol=1e-6)  # 0.99 × 1.02 capped at MAX_MOMENTUM
+
+
+def test_ties_keep_the_base_values():
+    tx = q_controller(0.1, 0.9, epsilon=0.0, seed=5)
+    state = tx.init(PARAMS)
+    for _ in range(20):  # a flat loss earns 0: the table stays all zeros, every row a tie
+        _, state = tx.update(GRADS, state, PARAMS, loss=1.0)
+        assert int(state.action) == KEEP_ACTION
+    state = state._replace(q_table=state.q_table.at[..., KEEP_ACTION].set(-1.0))  # keeping is worse: a random tie
+    actions = set()
+    for _ in range(20):
+        _, state = tx.update(GRADS, state, PARAMS, loss=1.0)
+        actions.add(int(state.action))
+    assert KEEP_ACTION not in actions and len(actions) > 3
 
 
 def test_reward_on_hand_made_losses():
@@ -85,7 +106,7 @@ def test_reward_on_hand_made_losses():
 def test_q_update_rule():
     tx = q_controller(0.1, 0.9, epsilon=0.0, q_learning_rate=0.01, discount=0.95)
     keep = 12  # LR × 1, momentum × 1: bins stay put
-    second_obs = (0, 2, 0, 2, 4)  # loss fell by 10 %: trend bin 0
+    second_obs = (0, 2, 0, 2, 2)  # loss fell by 10 %: trend bin 0
     state = _with_table(tx.init(PARAMS), {(*FIRST_OBS, keep): 0.3, (*second_obs, 7): 0.5, (*second_obs, 3): -0.2})
     _, state = tx.update(GRADS, state, PARAMS, loss=1.0)
     assert int(state.action) == keep
