@@ -38,15 +38,16 @@ BIN = Path(sys.executable).parent
 PROMPT = "Once upon a time"
 
 
-def child_llama_cpp(model: str, prompt: str, max_tokens: int, threads: int) -> None:
+def child_llama_cpp(model: str, prompt: str, max_tokens: int, threads: int, n_ctx: int) -> None:
     """Greedy generation with llama.cpp, streaming bytes to stdout; statistics as JSON on stderr.
 
-    The logits come from the context (llama-cpp-python 0.3.x no longer fills `Llama.scores` unless logits_all).
+    Its context (KV capacity) is the exports' `--max-context`. The logits come from the context (llama-cpp-python
+    0.3.x no longer fills `Llama.scores` unless logits_all).
     """
     import numpy as np
     from llama_cpp import Llama
 
-    llm = Llama(model, n_ctx=512, n_threads=threads, n_threads_batch=threads, verbose=False)
+    llm = Llama(model, n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads, verbose=False)
     vocab = llm.n_vocab()
     ids = llm.tokenize(prompt.encode(), add_bos=False, special=True)
     llm.eval(ids)
@@ -112,7 +113,7 @@ def row_command(row: str, args: argparse.Namespace, dirs: dict[str, Path]) -> li
     if row == "hyperjax generate":
         return [str(BIN / "hyperjax"), "generate", *common, "--model", args.model]
     return [sys.executable, __file__, "--llama-child", "--model", args.model, "--max-tokens", str(args.max_tokens),
-            "--threads", str(args.threads)]  # fmt: skip
+            "--threads", str(args.threads), "--max-context", str(args.max_context)]  # fmt: skip
 
 
 def export(target: str, args: argparse.Namespace, out: Path) -> float:
@@ -127,7 +128,7 @@ def export(target: str, args: argparse.Namespace, out: Path) -> float:
 
 def run_row(row: str, args: argparse.Namespace, dirs: dict[str, Path]) -> dict:
     """One row: a cold run (empty XLA cache) and `args.repeats` warm runs; medians of the warm ones."""
-    cores = set(range(args.threads))
+    cores = set(sorted(os.sched_getaffinity(0))[: args.threads])
     runs = []
     with tempfile.TemporaryDirectory() as cache_dir:
         env = dict(os.environ, HYPERJAX_XLA_CACHE=cache_dir)
@@ -137,6 +138,11 @@ def run_row(row: str, args: argparse.Namespace, dirs: dict[str, Path]) -> dict:
             runs.append(run)
             print(f"  {row} run {i}: start-up {run['startup_s']} s, {run['decode_tok_s']} tok/s", flush=True)
     warm = runs[1:]
+    memory = None
+    if row.startswith("hyperjax-run"):  # the runner's own breakdown: are the weights held once?
+        stats = json.loads(runs[-1]["stderr"].strip().splitlines()[-1])
+        keys = ("baseline_rss_bytes", "weights_file_bytes", "weights_resident_bytes", "anon_growth_bytes")
+        memory = {k: stats[k] for k in keys}
     return {
         "row": row,
         "runs": [{k: r[k] for k in ("startup_s", "decode_tok_s", "peak_rss_bytes", "wait4_maxrss_bytes")}
@@ -145,6 +151,7 @@ def run_row(row: str, args: argparse.Namespace, dirs: dict[str, Path]) -> dict:
         "startup_warm_s": statistics.median(r["startup_s"] for r in warm),
         "decode_tok_s": statistics.median(r["decode_tok_s"] for r in warm),
         "peak_rss_mib": statistics.median(r["peak_rss_bytes"] for r in warm) / 2**20,
+        "memory": memory,
         "text": runs[-1]["stdout"],
     }  # fmt: skip
 
@@ -168,7 +175,7 @@ def main() -> None:
 
         args.model = str(ensure_model("smollm2-135m"))
     if args.llama_child:
-        child_llama_cpp(args.model, PROMPT, args.max_tokens, args.threads)
+        child_llama_cpp(args.model, PROMPT, args.max_tokens, args.threads, args.max_context)
         return
 
     with tempfile.TemporaryDirectory(prefix="hyperjax-bench-export-") as work:
@@ -186,6 +193,16 @@ def main() -> None:
         ratio = f"{r['decode_tok_s'] / reference['decode_tok_s']:.2f}x" if reference else "-"
         print(f"{r['row']:<22}{r['startup_cold_s']:>16.2f}{r['startup_warm_s']:>16.2f}{r['decode_tok_s']:>16.1f}"
               f"{r['peak_rss_mib']:>16.1f}{ratio:>16}")  # fmt: skip
+    for r in results:
+        if m := r["memory"]:
+            mib = {k: v / 2**20 for k, v in m.items()}
+            print(
+                f"{r['row']}: baseline {mib['baseline_rss_bytes']:.1f} MiB before the first call; weights "
+                f"{mib['weights_resident_bytes']:.1f} MiB resident of {mib['weights_file_bytes']:.1f} MiB "
+                f"({m['weights_resident_bytes'] / m['weights_file_bytes']:.2f}x, mapped once); anonymous memory "
+                f"+{mib['anon_growth_bytes']:.1f} MiB while generating; peak - baseline = "
+                f"{(r['peak_rss_mib'] * 2**20 - m['baseline_rss_bytes']) / m['weights_file_bytes']:.2f}x weights"
+            )
     same = {r["row"]: r["text"].strip() == results[0]["text"].strip() for r in results}
     print(f"same text as {results[0]['row']}: {same}")
     report = {

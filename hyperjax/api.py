@@ -184,8 +184,9 @@ class Model:
             "config": {k: getattr(self.config, k) for k in self.config.__dataclass_fields__},
             "file": summary,
             "memory": memory,
-            "kernels": self.kernels if self.kernels != "native" else f"native ({native.isa()}, "
-            f"{native.num_threads()} threads)",
+            "kernels": self.kernels
+            if self.kernels != "native"
+            else f"native ({native.isa()}, {native.num_threads()} threads)",
             "load_seconds": self.load_seconds,
         }
         if is_sparse(self.gguf):  # the file's `parameters` count CSR array elements; memory counts dense ones

@@ -26,8 +26,9 @@ from jax import export
 
 from hyperjax import __version__
 from hyperjax.errors import HyperjaxError
+from hyperjax.kernels.quant import QuantizedTensor
 from hyperjax.kernels.sampling import SamplingConfig
-from hyperjax.models.llama import KVCache, LlamaConfig, LlamaParams, forward
+from hyperjax.models.llama import KVCache, LlamaConfig, LlamaParams, forward, forward_new_kv
 from hyperjax.models.llama_runtime import PREFILL_CHUNK
 from hyperjax.runner.format import (
     FORMAT,
@@ -43,6 +44,7 @@ from hyperjax.runner.format import (
 DEFAULT_MAX_CONTEXT = 1024
 JAX_PLATFORMS = ("cpu", "cuda", "rocm", "tpu")
 IREE_BACKEND = "llvm-cpu"
+CACHE_UPDATES = ("in_graph", "by_runner")
 
 
 class ExportError(HyperjaxError):
@@ -69,18 +71,31 @@ def cache_shape(config: LlamaConfig, capacity: int) -> tuple[int, ...]:
 
 
 def export_forward(
-    params: LlamaParams, config: LlamaConfig, tokens: int, capacity: int, platforms: Sequence[str]
+    params: LlamaParams,
+    config: LlamaConfig,
+    tokens: int,
+    capacity: int,
+    platforms: Sequence[str],
+    cache_update: str = "in_graph",
 ) -> export.Exported:
     """`forward` for (1, tokens) token ids at cache capacity `capacity`, weights as arguments.
 
     Signature: (weights tuple in `weight_arrays` order, tokens int32 (1, T), start int32 (), n_valid int32 (),
     keys float32, values float32 (cache_shape)) → (logits float32 (1, V) after the last real token, keys, values).
+    With cache_update "in_graph" the outputs are the whole updated cache (the inputs are donated, so XLA updates it
+    in place); with "by_runner" they are only this call's keys and values (L, 1, T, K, D), which the runner writes
+    at `start` itself: for runtimes such as IREE that would otherwise copy the whole cache on every call.
     """
+    if cache_update not in CACHE_UPDATES:
+        raise ExportError(f"unknown cache update {cache_update!r}; choose one of {', '.join(CACHE_UPDATES)}")
     leaves, treedef = jax.tree.flatten(params)
 
     def fn(weights, token_ids, start, n_valid, keys, values):
         cache = KVCache(keys, values, capacity)
-        logits, cache = forward(jax.tree.unflatten(treedef, weights), config, token_ids, start, n_valid, cache)
+        weights = jax.tree.unflatten(treedef, weights)
+        if cache_update == "by_runner":
+            return forward_new_kv(weights, config, token_ids, start, n_valid, cache)
+        logits, cache = forward(weights, config, token_ids, start, n_valid, cache)
         return logits, cache.keys, cache.values
 
     scalar = jax.ShapeDtypeStruct((), jnp.int32)
@@ -93,8 +108,9 @@ def export_forward(
         kv,
         kv,
     )
+    donate = (4, 5) if cache_update == "in_graph" else ()
     try:
-        return export.export(jax.jit(fn, donate_argnums=(4, 5)), platforms=tuple(platforms))(*specs)
+        return export.export(jax.jit(fn, donate_argnums=donate), platforms=tuple(platforms))(*specs)
     except (ValueError, NotImplementedError) as exc:
         raise ExportError(f"cannot lower the model for platforms {', '.join(platforms)}: {exc}") from None
 
@@ -172,10 +188,17 @@ def export_model(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     buckets = prefill_buckets(max_context)
+    # IREE writes a float copy of a weight it dequantizes outside a reduction, and copies a cache it is given back.
+    matmul, cache_update = ("reduce", "by_runner") if target == "iree" else ("dot", "in_graph")
+    traced = jax.tree.map(
+        lambda w: dataclasses.replace(w, matmul=matmul) if isinstance(w, QuantizedTensor) else w,
+        params,
+        is_leaf=lambda w: isinstance(w, QuantizedTensor),
+    )
     functions = []
     for tokens in (1, *buckets):
         name = "step" if tokens == 1 else f"prefill_{tokens}"
-        exported = export_forward(params, config, tokens, max_context, platforms)
+        exported = export_forward(traced, config, tokens, max_context, platforms, cache_update)
         if target == "jax":
             file = f"{name}.jaxexp"
             (out / file).write_bytes(exported.serialize())
@@ -199,7 +222,7 @@ def export_model(
         "config": dataclasses.asdict(config),
         "max_context": max_context,
         "buckets": buckets,
-        "cache": {"shape": list(cache_shape(config, max_context)), "dtype": "float32"},
+        "cache": {"shape": list(cache_shape(config, max_context)), "dtype": "float32", "update": cache_update},
         "functions": functions,
         "weights": {"file": WEIGHTS, "tensors": entries},
         "tokenizer": {

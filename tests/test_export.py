@@ -4,6 +4,7 @@ failure messages, and a run in a fresh virtual environment holding only the runn
 from __future__ import annotations
 
 import json
+import mmap
 import os
 import shutil
 import subprocess
@@ -21,6 +22,7 @@ from hyperjax.export import ExportError, export_model, weight_arrays
 from hyperjax.io.gguf import read_gguf
 from hyperjax.io.tokenizer import Tokenizer
 from hyperjax.kernels.sampling import SamplingConfig, filter_logits
+from hyperjax.runner import procmem
 from hyperjax.runner.cli import main, open_functions
 from hyperjax.runner.format import ALIGNMENT, MANIFEST, map_weights, read_manifest, sha256_file
 from hyperjax.runner.jax_backend import JaxFunctions
@@ -119,7 +121,7 @@ def test_jax_runner_aliases_the_mapped_weight_file(tiny_export):
 def test_tokenizer_json_and_chat_template_work_as_the_library(tiny_model, tiny_export):
     library = tiny_model.tokenizer
     exported = HFTokenizer.from_str(library.to_json())
-    assert token_byte_table(exported) == [library.token_bytes(i) for i in range(library.vocab_size)]
+    assert list(token_byte_table(exported)) == [library.token_bytes(i) for i in range(library.vocab_size)]
     for text in (PROMPT, "<|im_start|>user\nhé ✓ 12345<|im_end|>\n", "  tt\t\n"):
         assert encode(exported, text) == library.encode(text)
     info = read_manifest(tiny_export)["tokenizer"]
@@ -131,7 +133,7 @@ def test_tokenizer_json_and_chat_template_work_as_the_library(tiny_model, tiny_e
 def test_smollm2_tokenizer_json_matches_the_library(smollm2_path):
     library = Tokenizer.from_gguf_metadata(read_gguf(smollm2_path).metadata)
     exported = HFTokenizer.from_str(library.to_json())
-    assert token_byte_table(exported) == [library.token_bytes(i) for i in range(library.vocab_size)]
+    assert list(token_byte_table(exported)) == [library.token_bytes(i) for i in range(library.vocab_size)]
     text = library.apply_chat_template([{"role": "user", "content": "Ünïcode, numbers 123456 and code: x+=1"}])
     assert encode(exported, text) == library.encode(text)
 
@@ -258,10 +260,28 @@ def test_iree_runner_greedy_equals_library_without_jax(tiny_llama_gguf, tiny_mod
     pytest.importorskip("iree.runtime")
     out = tmp_path / "iree"
     export_model(tiny_llama_gguf, out, max_context=64, target="iree")
-    assert sorted(f["file"] for f in read_manifest(out)["functions"])[0].endswith(".vmfb")
+    manifest = read_manifest(out)
+    assert sorted(f["file"] for f in manifest["functions"])[0].endswith(".vmfb")
+    assert manifest["cache"]["update"] == "by_runner"  # the functions return only new keys and values
     stats, modules = run_driver(out, tmp_path, PROMPT, "--temperature", "0", "-n", "24")
     assert stats["token_ids"] == library_greedy(tiny_model, PROMPT, 24)
     assert "iree.runtime" in modules and forbidden_in(modules, extra=("jax", "jaxlib")) == []
+    # Every weight page is read through the one mapping of the file.
+    assert stats["weights_resident_bytes"] == pytest.approx(stats["weights_file_bytes"], abs=mmap.PAGESIZE)
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="/proc/self/smaps is Linux's")
+def test_procmem_counts_the_resident_pages_of_a_mapped_file(tmp_path):
+    path = tmp_path / "w.bin"
+    path.write_bytes(bytes(64 * mmap.PAGESIZE))
+    mapped = np.memmap(path, np.uint8, "r")
+    assert procmem.resident_bytes_of(path) == 0  # mapped, not yet read
+    int(mapped[: 8 * mmap.PAGESIZE : mmap.PAGESIZE].sum())  # read 8 pages
+    resident = procmem.resident_bytes_of(path)
+    assert 8 * mmap.PAGESIZE <= resident <= 64 * mmap.PAGESIZE  # the kernel may map neighbours, never past the file
+    now = procmem.status()
+    assert now["rss_bytes"] <= now["peak_rss_bytes"] and now["file_bytes"] >= resident
+    assert procmem.resident_bytes_of(tmp_path / "not-mapped") == 0
 
 
 @pytest.mark.venv

@@ -34,6 +34,7 @@ _GGUF_QS_BYTES = {"q4_0": 16, "q4_1": 16, "q8_0": 32}
 # extreme to −8, so values near the opposite extreme (up to +8) are clamped to +7, a full step.
 _QMAX = {"q4_0": 8, "q4_1": 15, "q8_0": 127}
 _RTN_STEP = {"q4_0": 1.0, "q4_1": 0.5, "q8_0": 0.5}
+MATMULS = ("dot", "reduce")
 
 
 @jax.tree_util.register_dataclass
@@ -43,6 +44,9 @@ class QuantizedTensor:
 
     packed: uint8 (..., rows, cols // 2) for q4_0/q4_1, int8 (..., rows, cols) for q8_0.
     scales: float16 (..., rows, cols // group_size).  mins: float16 like scales for q4_1, else None.
+    matmul: how `qmatmul` is formulated, "dot" (default; fast on XLA:CPU) or "reduce" (matrix-vector products by
+    `_block_reduce`, for compilers such as IREE that would otherwise write a float copy of the weight). Static, so a
+    change is a new trace, never a stale cached one.
     """
 
     packed: jax.Array
@@ -50,6 +54,7 @@ class QuantizedTensor:
     mins: jax.Array | None
     kind: str = field(metadata=dict(static=True))
     group_size: int = field(metadata=dict(static=True))
+    matmul: str = field(default="dot", metadata=dict(static=True))
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -129,12 +134,36 @@ def _nibble_dots(x: jax.Array, qt: QuantizedTensor) -> jax.Array:
     return low + high
 
 
+def _block_reduce(x: jax.Array, qt: QuantizedTensor) -> jax.Array:
+    """x (b, cols) → (b, rows) float32 as one multiply-reduce over each row's blocks, scales applied per block.
+
+    The weights enter only through an integer-to-float conversion inside the reduction (for Q4_1 the minimum
+    meets the block sum of x), so a compiler that fuses elementwise producers into reductions, as IREE does,
+    never writes a float copy of the matrix.
+    """
+    rows, _ = qt.shape
+    d = qt.scales.astype(jnp.float32)
+    if qt.kind == "q8_0":
+        q = qt.packed.reshape(rows, -1, qt.group_size).astype(jnp.float32)
+        xb = x.reshape(x.shape[0], 1, -1, qt.group_size)
+        return jnp.sum(xb * q * d[..., None], axis=(-2, -1))
+    half = qt.group_size // 2
+    blocks = qt.packed.reshape(rows, -1, half)
+    xb = x.reshape(x.shape[0], 1, -1, 2, half)
+    q_lo, q_hi = (blocks & 0x0F).astype(jnp.float32), (blocks >> 4).astype(jnp.float32)
+    y = jnp.sum((xb[..., 0, :] * q_lo + xb[..., 1, :] * q_hi) * d[..., None], axis=(-2, -1))
+    block_sums = jnp.sum(xb, axis=(-2, -1))  # (b, 1, nblocks)
+    m = qt.mins.astype(jnp.float32) if qt.kind == "q4_1" else -8.0 * d
+    return y + jnp.sum(block_sums * m, axis=-1)
+
+
 def qmatmul(x: jax.Array, qt: QuantizedTensor) -> jax.Array:
     """x (..., cols) float → (..., rows) float32, equal to x @ dequantize(qt).T up to float32 summation order.
 
     Q4_0/Q4_1: `_nibble_dots` (on 2 cores about 2× XLA's float32 matvec at batch 1, 1.1–2× at batch 8–256).
     Q8_0: dequantize-then-dot, which XLA:CPU fuses into its matvec (about 1.1× float32 at batch 1, no float matrix
-    written) and turns into a GEMM for prefill.
+    written) and turns into a GEMM for prefill. With `qt.matmul == "reduce"`, a single row uses `_block_reduce` (several
+    rows keep the dot, which reads each weight once for all of them).
     """
     if qt.packed.ndim != 2:
         raise QuantizationError(f"qmatmul needs a 2-D weight, got packed leaves of shape {qt.packed.shape}")
@@ -142,7 +171,12 @@ def qmatmul(x: jax.Array, qt: QuantizedTensor) -> jax.Array:
     if x.ndim == 0 or x.shape[-1] != cols:
         raise QuantizationError(f"activation shape {tuple(x.shape)} does not end in the weight's {cols} columns")
     x2 = x.reshape(-1, cols).astype(jnp.float32)
-    y = x2 @ dequantize(qt).T if qt.kind == "q8_0" else _nibble_dots(x2, qt)
+    if qt.matmul not in MATMULS:
+        raise QuantizationError(f"unknown matmul formulation {qt.matmul!r}; choose one of {', '.join(MATMULS)}")
+    if qt.matmul == "reduce" and x2.shape[0] == 1:
+        y = _block_reduce(x2, qt)
+    else:
+        y = x2 @ dequantize(qt).T if qt.kind == "q8_0" else _nibble_dots(x2, qt)
     return y.reshape(*x.shape[:-1], rows)
 
 

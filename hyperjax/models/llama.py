@@ -264,6 +264,28 @@ def output_logits(
     return linear(x, params.embed if params.output is None else params.output)
 
 
+def forward_new_kv(
+    params: LlamaParams,
+    config: LlamaConfig,
+    tokens: jax.Array,
+    start: jax.Array,
+    n_valid: jax.Array,
+    cache: KVCache,
+    *,
+    all_logits: bool = False,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """`forward` without the cache write: the logits and this call's keys and values (L, B, T, K, D), in the cache's
+    dtype, which belong at positions start..start+T of the cache (only the first n_valid are real)."""
+    x = embed_tokens(params.embed, tokens)
+
+    def step(x: jax.Array, index: jax.Array) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+        x, k, v = _block(config, x, params.layers, cache.keys, cache.values, start, index)
+        return x, (k.astype(cache.keys.dtype), v.astype(cache.values.dtype))
+
+    x, (keys, values) = jax.lax.scan(step, x, jnp.arange(config.n_layers, dtype=jnp.int32))
+    return output_logits(params, config, x, n_valid, all_logits), keys, values
+
+
 def forward(
     params: LlamaParams,
     config: LlamaConfig,
@@ -279,17 +301,11 @@ def forward(
     tokens int32 (B, T), of which the first `n_valid` are real (the rest is bucket padding); start, n_valid int32
     scalars. Returns float32 logits (B, T, V) if `all_logits`, else (B, V) for the last real token, and the cache.
     """
-    x = embed_tokens(params.embed, tokens)
-
-    def step(x: jax.Array, index: jax.Array) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
-        x, k, v = _block(config, x, params.layers, cache.keys, cache.values, start, index)
-        return x, (k.astype(cache.keys.dtype), v.astype(cache.values.dtype))
-
     # The blocks only read the cache; this call's keys/values (L, B, T, K, D) go in with one in-place write.
-    x, (keys, values) = jax.lax.scan(step, x, jnp.arange(config.n_layers, dtype=jnp.int32))
+    logits, keys, values = forward_new_kv(params, config, tokens, start, n_valid, cache, all_logits=all_logits)
     keys = jax.lax.dynamic_update_slice(cache.keys, keys, (0, 0, start, 0, 0))
     values = jax.lax.dynamic_update_slice(cache.values, values, (0, 0, start, 0, 0))
-    return output_logits(params, config, x, n_valid, all_logits), KVCache(keys, values, cache.length)
+    return logits, KVCache(keys, values, cache.length)
 
 
 def dequantize_params(params: Any) -> Any:

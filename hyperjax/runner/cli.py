@@ -14,10 +14,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+from hyperjax.runner import procmem
 from hyperjax.runner.format import TARGETS, TOKENIZER, RunnerError, map_weights, read_manifest, verify_files
 from hyperjax.runner.loop import Functions, RunResult, generate
 from hyperjax.runner.sampling import Sampling
-from hyperjax.runner.text import encode, load_tokenizer, render_chat, token_byte_table
+from hyperjax.runner.text import encode, load_tokenizer, release_freed_memory, render_chat, token_byte_table
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -90,7 +91,11 @@ def run(argv: list[str] | None = None, *, t_start: float | None = None) -> int:
             raise RunnerError(f"{args.directory}: the exported model has no chat template")
         text = render_chat(info["chat_template"], text, info.get("bos_text", ""), info.get("eos_text", ""))
     prompt_ids = encode(tokenizer, text)
+    token_bytes = token_byte_table(tokenizer)
+    del tokenizer
+    release_freed_memory()
     functions = open_functions(args.directory, manifest, args.platform)
+    baseline = procmem.status()  # the runtime loaded, the weights mapped but not yet read
 
     def on_text(piece: str) -> None:
         sys.stdout.write(piece)
@@ -102,7 +107,7 @@ def run(argv: list[str] | None = None, *, t_start: float | None = None) -> int:
         capacity=manifest["max_context"],
         buckets=manifest["buckets"],
         stop_ids=frozenset(info["stop_ids"]),
-        token_bytes=token_byte_table(tokenizer),
+        token_bytes=token_bytes,
         sampling=sampling,
         max_tokens=args.max_tokens,
         repeat_last_n=repeat_last_n,
@@ -111,12 +116,19 @@ def run(argv: list[str] | None = None, *, t_start: float | None = None) -> int:
     )
     sys.stdout.write("\n")
     sys.stdout.flush()
-    _report(result, t_start, args.stats_json)
+    _report(result, t_start, args.stats_json, baseline, args.directory / manifest["weights"]["file"])
     return 0
 
 
-def _report(result: RunResult, t_start: float, as_json: bool) -> None:
+def _difference(a: int | None, b: int | None) -> int | None:
+    return None if a is None or b is None else a - b
+
+
+def _report(
+    result: RunResult, t_start: float, as_json: bool, baseline: dict[str, int | None], weights_file: Path
+) -> None:
     peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    now = procmem.status()
     stats = {
         "prompt_tokens": result.prompt_tokens,
         "generated_tokens": len(result.token_ids),
@@ -125,6 +137,11 @@ def _report(result: RunResult, t_start: float, as_json: bool) -> None:
         "decode_tokens_per_second": result.decode_steps / result.decode_seconds if result.decode_steps else None,
         "first_token_seconds": result.first_token_time - t_start,
         "peak_rss_bytes": peak_rss,
+        # The weights held once: the file's resident mapped pages, and how little anonymous memory grew.
+        "baseline_rss_bytes": baseline["rss_bytes"],
+        "weights_file_bytes": weights_file.stat().st_size,
+        "weights_resident_bytes": procmem.resident_bytes_of(weights_file),
+        "anon_growth_bytes": _difference(now["anon_bytes"], baseline["anon_bytes"]),
         "token_ids": result.token_ids,
     }
     if as_json:

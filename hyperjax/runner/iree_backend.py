@@ -2,13 +2,16 @@
 
 Weights are imported as HAL buffers over copy-on-write memory maps of the weight file (no copy; IREE imports only
 writable host buffers, and does not keep them alive: the maps are held here). Each function is its own VM module
-(all are named after the exported `jit_fn`), so each gets its own context; the KV cache stays in device arrays
-between calls.
+(all are named after the exported `jit_fn`), so each gets its own context. The KV cache is host memory imported the
+same way: exports made with cache update "by_runner" return only the new keys and values, which are written into it
+here (older exports return the whole cache, kept in device arrays between calls).
 """
 
 from __future__ import annotations
 
+import mmap
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +27,15 @@ _ELEMENT_TYPES = {
     "float32": rt.HalElementType.FLOAT_32,
     "int32": rt.HalElementType.SINT_32,
 }
+
+
+@dataclass
+class HostCache:
+    """A KV cache (cache_shape, each) in host memory, and the HAL buffer views through which IREE reads it."""
+
+    keys: np.ndarray
+    values: np.ndarray
+    views: tuple[rt.HalBufferView, rt.HalBufferView]
 
 
 class IreeFunctions:
@@ -54,14 +66,24 @@ class IreeFunctions:
                 context = rt.SystemContext(config=self.config, vm_modules=[module])
                 self._calls[tokens] = context.modules[module.name]["main"]
 
-    def new_cache(self) -> tuple[np.ndarray, np.ndarray]:
-        shape, dtype = tuple(self.cache_spec["shape"]), self.cache_spec["dtype"]
-        return np.zeros(shape, dtype), np.zeros(shape, dtype)
+    def new_cache(self) -> HostCache | tuple[np.ndarray, np.ndarray]:
+        shape, dtype = tuple(self.cache_spec["shape"]), np.dtype(self.cache_spec["dtype"])
+        if self.cache_spec.get("update", "in_graph") == "in_graph":
+            return np.zeros(shape, dtype), np.zeros(shape, dtype)
+        # Page-aligned, zero-filled on first touch: the runtime reads these in place on every call.
+        keys, values = (np.frombuffer(mmap.mmap(-1, int(np.prod(shape)) * dtype.itemsize), dtype).reshape(shape)
+                        for _ in range(2))  # fmt: skip
+        return HostCache(keys, values, (self._import(keys), self._import(values)))
 
-    def run(self, tokens: np.ndarray, start: int, n_valid: int, cache: tuple) -> tuple[np.ndarray, tuple]:
+    def run(self, tokens: np.ndarray, start: int, n_valid: int, cache: Any) -> tuple[np.ndarray, Any]:
         """tokens int32 (1, T) with T an exported size; logits float32 (V,) after the last real token."""
         self.prepare([tokens.shape[1]])
+        inputs = cache.views if isinstance(cache, HostCache) else cache
         logits, keys, values = self._calls[tokens.shape[1]](
-            *self.weights, tokens, np.int32(start), np.int32(n_valid), *cache
+            *self.weights, tokens, np.int32(start), np.int32(n_valid), *inputs
         )
+        if isinstance(cache, HostCache):
+            cache.keys[:, :, start : start + n_valid] = keys.to_host()[:, :, :n_valid]
+            cache.values[:, :, start : start + n_valid] = values.to_host()[:, :, :n_valid]
+            return np.asarray(logits.to_host())[0], cache
         return np.asarray(logits.to_host())[0], (keys, values)

@@ -277,8 +277,9 @@ def test_decode_attention_matches_reference(batch: int, slots: int, kv_heads: in
 
     rng = np.random.default_rng(slots)
     layers, heads = 3, kv_heads * groups
-    cache_k, cache_v = (jnp.asarray(rng.standard_normal((layers, batch, slots, kv_heads, dim)), jnp.float32) * 2
-                        for _ in range(2))
+    cache_k, cache_v = (
+        jnp.asarray(rng.standard_normal((layers, batch, slots, kv_heads, dim)), jnp.float32) * 2 for _ in range(2)
+    )
     q = jnp.asarray(rng.standard_normal((batch, 1, heads, dim)), jnp.float32) * 2
     k, v = (jnp.asarray(rng.standard_normal((batch, 1, kv_heads, dim)), jnp.float32) for _ in range(2))
     step = jax.jit(native.decode_attention)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import gguf
 import jax
 import jax.numpy as jnp
@@ -179,6 +181,33 @@ def test_qmatmul_matches_dequantized_matmul(kind, batch):
     expected = np.asarray(x, np.float64) @ np.asarray(dequantize(qt), np.float64).T
     assert y.shape == (*batch, rows) and y.dtype == jnp.float32
     np.testing.assert_allclose(np.asarray(y), expected, rtol=1e-5, atol=1e-5 * np.abs(expected).max())
+
+
+@FAST
+@given(
+    st.sampled_from(KINDS), st.sampled_from(GROUP_SIZES), st.integers(1, 9), st.integers(1, 3), st.integers(0, 2**30)
+)
+def test_reduce_formulation_matches_dequantized_matmul(kind, group, rows, nblocks, seed):
+    """The IREE-friendly multiply-reduce (one activation row) computes the same product as the default dot."""
+    cols = group * nblocks
+    qt = dataclasses.replace(quantize(_weights(seed, rows, cols, offset=0.3), kind, group), matmul="reduce")
+    x = jnp.asarray(_weights(seed + 1, 1, cols))
+    y = jax.jit(qmatmul)(x, qt)
+    expected = np.asarray(x, np.float64) @ np.asarray(dequantize(qt), np.float64).T
+    assert y.shape == (1, rows) and y.dtype == jnp.float32
+    np.testing.assert_allclose(np.asarray(y), expected, rtol=1e-5, atol=1e-5 * np.abs(expected).max())
+
+
+def test_reduce_formulation_writes_no_float_weight_and_keeps_the_dot_for_batches():
+    qt = quantize(_weights(0, 64, 256), "q8_0", 32)
+    one, many = jnp.zeros((1, 256)), jnp.zeros((8, 256))
+    assert "dot_general" in str(jax.make_jaxpr(qmatmul)(one, qt))  # the default
+    reduce = dataclasses.replace(qt, matmul="reduce")
+    reduce_one = str(jax.make_jaxpr(qmatmul)(one, reduce))  # a new trace: `matmul` is static
+    assert "dot_general" not in reduce_one and "reduce_sum" in reduce_one
+    assert str(jax.make_jaxpr(qmatmul)(many, reduce)) == str(jax.make_jaxpr(qmatmul)(many, qt))
+    with pytest.raises(QuantizationError, match="unknown matmul formulation"):
+        qmatmul(one, dataclasses.replace(qt, matmul="fast"))
 
 
 @pytest.mark.parametrize("kind", KINDS)

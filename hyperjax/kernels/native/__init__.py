@@ -305,4 +305,3 @@ def decode_attention(
         jnp.asarray(start, jnp.int32),
     )
     return out.reshape(b, 1, h, d)
-
