@@ -14,6 +14,7 @@ shows warm medians. The exports are made first (their time is reported) unless g
 
     python bench/export.py                                  # SmolLM2, 64 new tokens, 3 warm repeats
     python bench/export.py --jax-dir DIR --iree-dir DIR     # reuse exports
+    python bench/export.py --prompt "$(cat long.txt)"       # another prompt (the prefill bucket decides the peak)
 
 Writes bench/results/export.json and prints a table with ratios to llama.cpp.
 """
@@ -106,14 +107,15 @@ def self_report(row: str, stderr: str) -> tuple[float | None, int | None]:
 
 
 def row_command(row: str, args: argparse.Namespace, dirs: dict[str, Path]) -> list[str]:
-    common = [PROMPT, "--max-tokens", str(args.max_tokens), "--temperature", "0"]
+    common = [args.prompt, "--max-tokens", str(args.max_tokens), "--temperature", "0"]
     if row.startswith("hyperjax-run"):
         target = row.removeprefix("hyperjax-run (").removesuffix(")")
         return [str(BIN / "hyperjax-run"), str(dirs[target]), *common, "--stats-json"]
     if row == "hyperjax generate":
         return [str(BIN / "hyperjax"), "generate", *common, "--model", args.model]
     return [sys.executable, __file__, "--llama-child", "--model", args.model, "--max-tokens", str(args.max_tokens),
-            "--threads", str(args.threads), "--max-context", str(args.max_context)]  # fmt: skip
+            "--threads", str(args.threads), "--max-context", str(args.max_context),
+            "--prompt", args.prompt]  # fmt: skip
 
 
 def export(target: str, args: argparse.Namespace, out: Path) -> float:
@@ -159,6 +161,7 @@ def run_row(row: str, args: argparse.Namespace, dirs: dict[str, Path]) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=None, help="GGUF path (default: the cached SmolLM2 Q4_1)")
+    parser.add_argument("--prompt", default=PROMPT)
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--max-context", type=int, default=256, help="KV capacity of the exports")
     parser.add_argument("--threads", type=int, default=2, help="cores every row is pinned to")
@@ -175,7 +178,7 @@ def main() -> None:
 
         args.model = str(ensure_model("smollm2-135m"))
     if args.llama_child:
-        child_llama_cpp(args.model, PROMPT, args.max_tokens, args.threads, args.max_context)
+        child_llama_cpp(args.model, args.prompt, args.max_tokens, args.threads, args.max_context)
         return
 
     with tempfile.TemporaryDirectory(prefix="hyperjax-bench-export-") as work:
@@ -211,13 +214,14 @@ def main() -> None:
                     "cores_pinned": args.threads, "load_avg_at_end": os.getloadavg()},
         "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
         "model": Path(args.model).name,
-        "prompt": PROMPT,
+        "prompt": args.prompt,
         "max_tokens": args.max_tokens,
         "export_max_context": args.max_context,
         "export_seconds": export_seconds,
         "rows": results,
         "same_text_as_first_row": same,
     }  # fmt: skip
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
     print(f"wrote {args.out}")
 

@@ -195,7 +195,12 @@ def pull(name: Annotated[str, typer.Argument(help="Registered model name.")] = "
 
 @app.command("export")
 def export_command(
-    model: Annotated[str, typer.Argument(help="Registered model name or path to a GGUF file.")],
+    model: Annotated[
+        str,
+        typer.Argument(
+            help="Registered model name, a GGUF file, or a byte model: a `hyperjax train` run or `quantize` output."
+        ),
+    ],
     out: Annotated[str, typer.Option("--out", "-o", help="Directory to write (created if needed).")],
     platforms: Annotated[str, typer.Option(help="Comma-separated jax platforms, e.g. cpu,cuda.")] = "cpu",
     max_context: Annotated[
@@ -203,7 +208,7 @@ def export_command(
     ] = None,
     target: Annotated[str, typer.Option(help="jax (jax.export) or iree (compiled .vmfb for this CPU).")] = "jax",
 ) -> None:
-    """Export MODEL for the lean runner `hyperjax-run`: functions, packed weights, tokenizer, manifest."""
+    """Export MODEL for the lean runner `hyperjax-run`: functions, weights, tokenizer, manifest."""
     from hyperjax.export import export_model
 
     names = [p.strip() for p in platforms.split(",") if p.strip()]

@@ -1,8 +1,9 @@
-"""Ahead-of-time export of a llama model for the lean runner (`hyperjax export MODEL -o DIR`, `hyperjax-run`).
+"""Ahead-of-time export of a model for the lean runner (`hyperjax export MODEL -o DIR`, `hyperjax-run`).
 
-The exported functions are `models.llama.forward` at fixed shapes, with every weight an *argument* (no constant is
-baked into the graph): one per prefill bucket (16…256 tokens, powers of two) and the decode step (1 token), all
-with the KV cache at a fixed capacity, `max_context`. The jax target serializes them with `jax.export` for the
+The exported functions are `models.llama.forward` (or, for a trained byte transformer or RNN, `ByteDecoder.forward`)
+at fixed shapes, with every weight an *argument* (no constant is baked into the graph): one per prefill bucket
+(16…256 tokens, powers of two; from 4 for IREE) and the decode step (1 token), all with the state (KV cache or
+recurrent carries) at a fixed capacity, `max_context`. The jax target serializes them with `jax.export` for the
 platforms asked (cross-platform lowering: an export for cpu and cuda is made on a CPU-only machine); the IREE
 target compiles the same StableHLO for the host CPU (`llvm-cpu`) into `.vmfb` modules. The packed weights go to one
 raw file with 64-byte aligned tensors (int4 stays two weights per byte), the tokenizer to `tokenizer.json`, and a
@@ -16,6 +17,7 @@ import dataclasses
 import json
 import os
 from collections.abc import Callable, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -51,15 +53,15 @@ class ExportError(HyperjaxError):
     """The export cannot be made as asked (options out of range, a platform or target unavailable)."""
 
 
-def prefill_buckets(max_context: int) -> list[int]:
-    """Prompt chunk sizes: powers of two from 16 up to min(PREFILL_CHUNK, max_context)."""
-    buckets = [16]
+def prefill_buckets(max_context: int, smallest: int = 16) -> list[int]:
+    """Prompt chunk sizes: powers of two from `smallest` up to min(PREFILL_CHUNK, max_context)."""
+    buckets = [smallest]
     while buckets[-1] * 2 <= min(PREFILL_CHUNK, max_context):
         buckets.append(buckets[-1] * 2)
     return buckets
 
 
-def weight_arrays(params: LlamaParams) -> list[tuple[str, np.ndarray]]:
+def weight_arrays(params: Any) -> list[tuple[str, np.ndarray]]:
     """(dotted path, host array) of every parameter leaf, in pytree order (the functions' argument order)."""
     flat, _ = jax.tree_util.tree_flatten_with_path(params)
     return [(jax.tree_util.keystr(path, simple=True, separator="."), np.asarray(leaf)) for path, leaf in flat]
@@ -100,19 +102,8 @@ def export_forward(
 
     scalar = jax.ShapeDtypeStruct((), jnp.int32)
     kv = jax.ShapeDtypeStruct(cache_shape(config, capacity), jnp.float32)
-    specs = (
-        tuple(jax.ShapeDtypeStruct(leaf.shape, leaf.dtype) for leaf in leaves),
-        jax.ShapeDtypeStruct((1, tokens), jnp.int32),
-        scalar,
-        scalar,
-        kv,
-        kv,
-    )
-    donate = (4, 5) if cache_update == "in_graph" else ()
-    try:
-        return export.export(jax.jit(fn, donate_argnums=donate), platforms=tuple(platforms))(*specs)
-    except (ValueError, NotImplementedError) as exc:
-        raise ExportError(f"cannot lower the model for platforms {', '.join(platforms)}: {exc}") from None
+    specs = (_leaf_specs(leaves), jax.ShapeDtypeStruct((1, tokens), jnp.int32), scalar, scalar, kv, kv)
+    return _lower(fn, specs, (4, 5) if cache_update == "in_graph" else (), platforms)
 
 
 def _iree_compiler() -> Any:
@@ -138,7 +129,7 @@ def compile_iree(mlir: str) -> bytes:
         raise ExportError(f"IREE could not compile the module: {str(exc).strip().splitlines()[0]}") from None
 
 
-def _check_options(config: LlamaConfig, platforms: Sequence[str], max_context: int, target: str) -> None:
+def _check_target(platforms: Sequence[str], target: str) -> None:
     if target not in TARGETS:
         raise ExportError(f"target {target!r} is not one of {', '.join(TARGETS)}")
     unknown = [p for p in platforms if p not in JAX_PLATFORMS]
@@ -148,11 +139,120 @@ def _check_options(config: LlamaConfig, platforms: Sequence[str], max_context: i
         raise ExportError("the IREE target compiles for the host CPU only: use --platforms cpu")
     if target == "iree":
         _iree_compiler()
-    if not (16 <= max_context <= config.context_length and max_context % 16 == 0):
+
+
+def _context(max_context: int | None, context_length: int) -> int:
+    """The export's capacity: `max_context`, by default min(DEFAULT_MAX_CONTEXT, the model's context)."""
+    max_context = min(DEFAULT_MAX_CONTEXT, context_length) if max_context is None else max_context
+    if not (16 <= max_context <= context_length and max_context % 16 == 0):
         raise ExportError(
-            f"max context must be a multiple of 16 in [16, {config.context_length}] (the model's context), "
-            f"got {max_context}"
+            f"max context must be a multiple of 16 in [16, {context_length}] (the model's context), got {max_context}"
         )
+    return max_context
+
+
+def _lower(fn: Callable[..., Any], specs: Sequence[Any], donate: tuple[int, ...], platforms: Sequence[str]):
+    try:
+        return export.export(jax.jit(fn, donate_argnums=donate), platforms=tuple(platforms))(*specs)
+    except (ValueError, NotImplementedError) as exc:
+        raise ExportError(f"cannot lower the model for platforms {', '.join(platforms)}: {exc}") from None
+
+
+def _leaf_specs(tree: Any) -> tuple[jax.ShapeDtypeStruct, ...]:
+    return tuple(jax.ShapeDtypeStruct(leaf.shape, leaf.dtype) for leaf in jax.tree.leaves(tree))
+
+
+@dataclasses.dataclass
+class _Plan:
+    """What `export_model` writes for one model: the weights, a lowering per token count, manifest sections."""
+
+    weights: Any  # the pytree whose leaves go to weights.bin, in argument order
+    lower: Callable[[int], export.Exported]
+    max_context: int
+    buckets: list[int]
+    cache: dict[str, Any]
+    model: dict[str, Any]
+    config: dict[str, Any]
+    tokenizer: dict[str, Any]
+    tokenizer_json: str | None  # None: a byte model, whose tokens are the UTF-8 bytes themselves
+
+
+def _llama_plan(model: str | os.PathLike | None, max_context: int | None, target: str, platforms: list[str]) -> _Plan:
+    from hyperjax.api import load
+
+    llm = load(model, kernels="jax")  # a portable graph: no custom calls into hyperjax's native library
+    config, params, tokenizer = llm.config, llm.params, llm.tokenizer
+    max_context = _context(max_context, config.context_length)
+    # IREE writes a float copy of a weight it dequantizes outside a reduction, and copies a cache it is given back.
+    # Its short prompts get a 4-token bucket, computed by multiply-reduce like the decode step (quant.REDUCE_MAX_ROWS).
+    matmul, cache_update = ("reduce", "by_runner") if target == "iree" else ("dot", "in_graph")
+    traced = jax.tree.map(
+        lambda w: dataclasses.replace(w, matmul=matmul) if isinstance(w, QuantizedTensor) else w,
+        params,
+        is_leaf=lambda w: isinstance(w, QuantizedTensor),
+    )
+    kv = {"shape": list(cache_shape(config, max_context)), "dtype": "float32"}
+    return _Plan(
+        weights=params,
+        lower=lambda tokens: export_forward(traced, config, tokens, max_context, platforms, cache_update),
+        max_context=max_context,
+        buckets=prefill_buckets(max_context, smallest=4 if target == "iree" else 16),
+        cache={"leaves": [kv, kv], "update": cache_update},
+        model={"kind": "llama", "name": llm.gguf.get("general.name", None), "source": Path(llm.path).name},
+        config=dataclasses.asdict(config),
+        tokenizer={
+            "kind": "bpe",
+            "file": TOKENIZER,
+            "stop_ids": sorted(tokenizer.eot_ids),
+            "bos_text": "" if tokenizer.bos_id is None else tokenizer.token_text(tokenizer.bos_id),
+            "eos_text": "" if tokenizer.eos_id is None else tokenizer.token_text(tokenizer.eos_id),
+            "chat_template": tokenizer.chat_template,
+        },
+        tokenizer_json=tokenizer.to_json(),
+    )
+
+
+def _byte_plan(path: Path, max_context: int | None, platforms: list[str]) -> _Plan:
+    """A trained byte transformer or RNN (a `hyperjax train` run, or its `hyperjax quantize` output: float32 weights,
+    dequantized, since the byte models compute in float)."""
+    from hyperjax.models.byte_decoder import ByteDecoder
+    from hyperjax.train.artifacts import load_byte_model
+
+    byte_model, params, _ = load_byte_model(path)
+    if byte_model.name == "hakmem":
+        raise ExportError("HAKMEM decodes patch by patch and cannot be exported yet: export a transformer or rnn run")
+    decoder = ByteDecoder(byte_model.graphdef, params)
+    max_context = _context(max_context, decoder.context_length)
+    weights, weights_def = jax.tree.flatten(params)
+    state = jax.eval_shape(partial(decoder.initial_state, max_context))
+    state_leaves, state_def = jax.tree.flatten(state)
+
+    def lower(tokens: int) -> export.Exported:
+        def fn(weights, token_ids, start, n_valid, *state_in):
+            logits, new = decoder.forward(
+                jax.tree.unflatten(weights_def, weights),
+                token_ids,
+                start,
+                n_valid,
+                jax.tree.unflatten(state_def, state_in),
+            )
+            return (logits[None], *jax.tree.leaves(new))
+
+        scalar = jax.ShapeDtypeStruct((), jnp.int32)
+        specs = (_leaf_specs(weights), jax.ShapeDtypeStruct((1, tokens), jnp.int32), scalar, scalar, *state_leaves)
+        return _lower(fn, specs, tuple(range(4, 4 + len(state_leaves))), platforms)
+
+    return _Plan(
+        weights=params,
+        lower=lower,
+        max_context=max_context,
+        buckets=prefill_buckets(max_context),
+        cache={"leaves": [{"shape": list(x.shape), "dtype": x.dtype.name} for x in state_leaves], "update": "in_graph"},
+        model={"kind": byte_model.name, "name": f"byte {byte_model.name}", "source": Path(path).name},
+        config=byte_model.config_dict(),
+        tokenizer={"kind": "bytes", "stop_ids": [], "bos_text": "", "eos_text": "", "chat_template": None},
+        tokenizer_json=None,
+    )
 
 
 def _write_weights(path: Path, arrays: Sequence[tuple[str, np.ndarray]]) -> list[dict[str, Any]]:
@@ -173,32 +273,24 @@ def export_model(
     target: str = "jax",
     log: Callable[[str], None] = lambda _: None,
 ) -> dict[str, Any]:
-    """Export a registered model name or GGUF path into `out_dir`; returns the manifest written last.
+    """Export a registered model name, a GGUF path, or a trained byte model (a `hyperjax train` run directory or its
+    `hyperjax quantize` output) into `out_dir`; returns the manifest written last.
 
     `max_context` (default min(DEFAULT_MAX_CONTEXT, the model's context)) is the KV cache capacity: prompt plus
     output. `log` receives a line per step.
     """
-    from hyperjax.api import load
-
-    llm = load(model, kernels="jax")  # a portable graph: no custom calls into hyperjax's native library
-    config, params, tokenizer = llm.config, llm.params, llm.tokenizer
-    max_context = min(DEFAULT_MAX_CONTEXT, config.context_length) if max_context is None else max_context
     platforms = list(dict.fromkeys(platforms))
-    _check_options(config, platforms, max_context, target)
+    _check_target(platforms, target)
+    if model is not None and Path(model).is_dir():
+        plan = _byte_plan(Path(model), max_context, platforms)
+    else:
+        plan = _llama_plan(model, max_context, target, platforms)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    buckets = prefill_buckets(max_context)
-    # IREE writes a float copy of a weight it dequantizes outside a reduction, and copies a cache it is given back.
-    matmul, cache_update = ("reduce", "by_runner") if target == "iree" else ("dot", "in_graph")
-    traced = jax.tree.map(
-        lambda w: dataclasses.replace(w, matmul=matmul) if isinstance(w, QuantizedTensor) else w,
-        params,
-        is_leaf=lambda w: isinstance(w, QuantizedTensor),
-    )
     functions = []
-    for tokens in (1, *buckets):
+    for tokens in (1, *plan.buckets):
         name = "step" if tokens == 1 else f"prefill_{tokens}"
-        exported = export_forward(traced, config, tokens, max_context, platforms, cache_update)
+        exported = plan.lower(tokens)
         if target == "jax":
             file = f"{name}.jaxexp"
             (out / file).write_bytes(exported.serialize())
@@ -208,31 +300,26 @@ def export_model(
             (out / file).write_bytes(compile_iree(exported.mlir_module()))
         functions.append({"name": name, "tokens": tokens, "file": file})
         log(f"wrote {file}")
-    entries = _write_weights(out / WEIGHTS, weight_arrays(params))
+    entries = _write_weights(out / WEIGHTS, weight_arrays(plan.weights))
     log(f"wrote {WEIGHTS} ({(out / WEIGHTS).stat().st_size / 2**20:.1f} MiB)")
-    (out / TOKENIZER).write_text(tokenizer.to_json(), encoding="utf-8")
-    files = [WEIGHTS, TOKENIZER, *(f["file"] for f in functions)]
-    defaults = dataclasses.asdict(SamplingConfig())
+    files = [WEIGHTS, *(f["file"] for f in functions)]
+    if plan.tokenizer_json is not None:
+        (out / TOKENIZER).write_text(plan.tokenizer_json, encoding="utf-8")
+        files.insert(1, TOKENIZER)
     manifest = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "target": target,
         "platforms": platforms,
-        "model": {"name": llm.gguf.get("general.name", None), "source": Path(llm.path).name},
-        "config": dataclasses.asdict(config),
-        "max_context": max_context,
-        "buckets": buckets,
-        "cache": {"shape": list(cache_shape(config, max_context)), "dtype": "float32", "update": cache_update},
+        "model": plan.model,
+        "config": plan.config,
+        "max_context": plan.max_context,
+        "buckets": plan.buckets,
+        "cache": plan.cache,
         "functions": functions,
         "weights": {"file": WEIGHTS, "tensors": entries},
-        "tokenizer": {
-            "file": TOKENIZER,
-            "stop_ids": sorted(tokenizer.eot_ids),
-            "bos_text": "" if tokenizer.bos_id is None else tokenizer.token_text(tokenizer.bos_id),
-            "eos_text": "" if tokenizer.eos_id is None else tokenizer.token_text(tokenizer.eos_id),
-            "chat_template": tokenizer.chat_template,
-        },
-        "sampling_defaults": defaults,
+        "tokenizer": plan.tokenizer,
+        "sampling_defaults": dataclasses.asdict(SamplingConfig()),
         "versions": {"jax": jax.__version__, "hyperjax": __version__},
         "files": {name: sha256_file(out / name) for name in files},
     }

@@ -24,7 +24,7 @@ from hyperjax.io.tokenizer import Tokenizer
 from hyperjax.kernels.sampling import SamplingConfig, filter_logits
 from hyperjax.runner import procmem
 from hyperjax.runner.cli import main, open_functions
-from hyperjax.runner.format import ALIGNMENT, MANIFEST, map_weights, read_manifest, sha256_file
+from hyperjax.runner.format import ALIGNMENT, MANIFEST, cache_leaves, map_weights, read_manifest, sha256_file
 from hyperjax.runner.jax_backend import JaxFunctions
 from hyperjax.runner.loop import generate, plan_chunks
 from hyperjax.runner.sampling import Sampling, filtered, sample
@@ -86,7 +86,10 @@ def test_manifest_lists_files_with_checksums_and_aligned_packed_weights(tiny_exp
     assert manifest["format_version"] == 1 and manifest["target"] == "jax"
     assert manifest["platforms"] == ["cpu", "cuda"]
     assert manifest["buckets"] == [16, 32, 64, 128, 256] and manifest["max_context"] == 512
-    assert manifest["cache"]["shape"] == [2, 1, 512, 2, 16]
+    kv = {"shape": [2, 1, 512, 2, 16], "dtype": "float32"}
+    assert manifest["cache"] == {"leaves": [kv, kv], "update": "in_graph"} and manifest["model"]["kind"] == "llama"
+    # A manifest written before `leaves` (one shape and dtype for the keys/values pair) still reads the same.
+    assert cache_leaves(kv) == cache_leaves(manifest["cache"]) == [((2, 1, 512, 2, 16), "float32")] * 2
     assert manifest["config"]["n_layers"] == 2 and manifest["tokenizer"]["stop_ids"] == [257, 259]
     for name, digest in manifest["files"].items():
         assert sha256_file(tiny_export / name) == digest
@@ -268,6 +271,9 @@ def test_iree_runner_greedy_equals_library_without_jax(tiny_llama_gguf, tiny_mod
     assert "iree.runtime" in modules and forbidden_in(modules, extra=("jax", "jaxlib")) == []
     # Every weight page is read through the one mapping of the file.
     assert stats["weights_resident_bytes"] == pytest.approx(stats["weights_file_bytes"], abs=mmap.PAGESIZE)
+    assert manifest["buckets"][0] == 4  # a short prompt: one multiply-reduce call of 4 rows
+    stats, _ = run_driver(out, tmp_path, "hi", "--temperature", "0", "-n", "8")
+    assert stats["prompt_tokens"] <= 4 and stats["token_ids"] == library_greedy(tiny_model, "hi", 8)
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="/proc/self/smaps is Linux's")

@@ -35,6 +35,7 @@ _GGUF_QS_BYTES = {"q4_0": 16, "q4_1": 16, "q8_0": 32}
 _QMAX = {"q4_0": 8, "q4_1": 15, "q8_0": 127}
 _RTN_STEP = {"q4_0": 1.0, "q4_1": 0.5, "q8_0": 0.5}
 MATMULS = ("dot", "reduce")
+REDUCE_MAX_ROWS = 4  # matmul="reduce" up to this many activation rows; more keep the dot
 
 
 @jax.tree_util.register_dataclass
@@ -44,9 +45,9 @@ class QuantizedTensor:
 
     packed: uint8 (..., rows, cols // 2) for q4_0/q4_1, int8 (..., rows, cols) for q8_0.
     scales: float16 (..., rows, cols // group_size).  mins: float16 like scales for q4_1, else None.
-    matmul: how `qmatmul` is formulated, "dot" (default; fast on XLA:CPU) or "reduce" (matrix-vector products by
-    `_block_reduce`, for compilers such as IREE that would otherwise write a float copy of the weight). Static, so a
-    change is a new trace, never a stale cached one.
+    matmul: how `qmatmul` is formulated, "dot" (default; fast on XLA:CPU) or "reduce" (products of up to
+    `REDUCE_MAX_ROWS` activation rows by `_block_reduce`, for compilers such as IREE that would otherwise write a
+    float copy of the weight). Static, so a change is a new trace, never a stale cached one.
     """
 
     packed: jax.Array
@@ -162,8 +163,8 @@ def qmatmul(x: jax.Array, qt: QuantizedTensor) -> jax.Array:
 
     Q4_0/Q4_1: `_nibble_dots` (on 2 cores about 2× XLA's float32 matvec at batch 1, 1.1–2× at batch 8–256).
     Q8_0: dequantize-then-dot, which XLA:CPU fuses into its matvec (about 1.1× float32 at batch 1, no float matrix
-    written) and turns into a GEMM for prefill. With `qt.matmul == "reduce"`, a single row uses `_block_reduce` (several
-    rows keep the dot, which reads each weight once for all of them).
+    written) and turns into a GEMM for prefill. With `qt.matmul == "reduce"`, up to `REDUCE_MAX_ROWS` rows use
+    `_block_reduce`; more keep the dot, whose one dequantization serves every row.
     """
     if qt.packed.ndim != 2:
         raise QuantizationError(f"qmatmul needs a 2-D weight, got packed leaves of shape {qt.packed.shape}")
@@ -173,7 +174,7 @@ def qmatmul(x: jax.Array, qt: QuantizedTensor) -> jax.Array:
     x2 = x.reshape(-1, cols).astype(jnp.float32)
     if qt.matmul not in MATMULS:
         raise QuantizationError(f"unknown matmul formulation {qt.matmul!r}; choose one of {', '.join(MATMULS)}")
-    if qt.matmul == "reduce" and x2.shape[0] == 1:
+    if qt.matmul == "reduce" and x2.shape[0] <= REDUCE_MAX_ROWS:
         y = _block_reduce(x2, qt)
     else:
         y = x2 @ dequantize(qt).T if qt.kind == "q8_0" else _nibble_dots(x2, qt)

@@ -111,6 +111,17 @@ class ByteDecoder:
     def token_bytes(self, token_id: int) -> bytes:
         return bytes([token_id])
 
+    def initial_state(self, capacity: int) -> Any:
+        """The state before any byte: zero carries (RNN) or an empty KV cache of `capacity` positions."""
+        return self._initial_state(capacity)
+
+    def forward(
+        self, params: Any, tokens: jax.Array, start: jax.Array, n_valid: jax.Array, state: Any
+    ) -> tuple[jax.Array, Any]:
+        """Pure: tokens int32 (1, T) at positions start…, the first n_valid real → (logits (V,) float32 after the
+        n_valid-th, new state). What `run` compiles, for callers that trace it themselves (`hyperjax export`)."""
+        return self._run(self.graphdef, params, tokens, start, n_valid, state)
+
     def _executable(self, width: int, state: Any):
         """The compiled run for (width, state's shapes); compile time goes into last_timings."""
         spec = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state)

@@ -15,10 +15,10 @@ from pathlib import Path
 from typing import Any
 
 from hyperjax.runner import procmem
-from hyperjax.runner.format import TARGETS, TOKENIZER, RunnerError, map_weights, read_manifest, verify_files
+from hyperjax.runner.format import TARGETS, RunnerError, map_weights, read_manifest, verify_files
 from hyperjax.runner.loop import Functions, RunResult, generate
 from hyperjax.runner.sampling import Sampling
-from hyperjax.runner.text import encode, load_tokenizer, release_freed_memory, render_chat, token_byte_table
+from hyperjax.runner.text import prompt_tokens, render_chat
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -84,16 +84,12 @@ def run(argv: list[str] | None = None, *, t_start: float | None = None) -> int:
     if args.max_tokens < 1 or repeat_last_n < 0:
         raise RunnerError("--max-tokens must be at least 1 and --repeat-last-n at least 0")
     info = manifest["tokenizer"]
-    tokenizer = load_tokenizer(args.directory / TOKENIZER)
     text = args.prompt
     if args.chat:
         if not info.get("chat_template"):
             raise RunnerError(f"{args.directory}: the exported model has no chat template")
         text = render_chat(info["chat_template"], text, info.get("bos_text", ""), info.get("eos_text", ""))
-    prompt_ids = encode(tokenizer, text)
-    token_bytes = token_byte_table(tokenizer)
-    del tokenizer
-    release_freed_memory()
+    prompt_ids, token_bytes = prompt_tokens(args.directory, info, text)
     functions = open_functions(args.directory, manifest, args.platform)
     baseline = procmem.status()  # the runtime loaded, the weights mapped but not yet read
 

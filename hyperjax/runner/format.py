@@ -80,6 +80,14 @@ def read_manifest(directory: Path) -> dict[str, Any]:
     return manifest
 
 
+def cache_leaves(cache: dict[str, Any]) -> list[tuple[tuple[int, ...], str]]:
+    """(shape, dtype) of each array of the functions' state (a KV cache's keys and values, or an RNN's carries).
+
+    Exports before the "leaves" field described a keys/values pair by one shape and dtype."""
+    leaves = cache.get("leaves") or [{"shape": cache["shape"], "dtype": cache["dtype"]}] * 2
+    return [(tuple(leaf["shape"]), leaf["dtype"]) for leaf in leaves]
+
+
 def verify_files(directory: Path, manifest: dict[str, Any]) -> None:
     """Check that every file the manifest lists exists and has its recorded sha256."""
     for name, expected in manifest["files"].items():

@@ -18,7 +18,7 @@ from typing import Any
 import iree.runtime as rt
 import numpy as np
 
-from hyperjax.runner.format import RunnerError
+from hyperjax.runner.format import RunnerError, cache_leaves
 
 _ELEMENT_TYPES = {
     "uint8": rt.HalElementType.UINT_8,
@@ -45,7 +45,8 @@ class IreeFunctions:
         self.config = rt.Config("local-task")
         self.directory = Path(directory)
         self.files = {f["tokens"]: f["file"] for f in manifest["functions"]}
-        self.cache_spec = manifest["cache"]
+        self.state = cache_leaves(manifest["cache"])
+        self.cache_update = manifest["cache"].get("update", "in_graph")
         self._host = weights  # the imported buffers alias these maps: they must outlive every call
         self.weights = [self._import(w) for w in weights]
         self._calls: dict[int, Any] = {}
@@ -66,24 +67,23 @@ class IreeFunctions:
                 context = rt.SystemContext(config=self.config, vm_modules=[module])
                 self._calls[tokens] = context.modules[module.name]["main"]
 
-    def new_cache(self) -> HostCache | tuple[np.ndarray, np.ndarray]:
-        shape, dtype = tuple(self.cache_spec["shape"]), np.dtype(self.cache_spec["dtype"])
-        if self.cache_spec.get("update", "in_graph") == "in_graph":
-            return np.zeros(shape, dtype), np.zeros(shape, dtype)
+    def new_cache(self) -> HostCache | tuple[np.ndarray, ...]:
+        if self.cache_update == "in_graph":
+            return tuple(np.zeros(shape, dtype) for shape, dtype in self.state)
         # Page-aligned, zero-filled on first touch: the runtime reads these in place on every call.
-        keys, values = (np.frombuffer(mmap.mmap(-1, int(np.prod(shape)) * dtype.itemsize), dtype).reshape(shape)
-                        for _ in range(2))  # fmt: skip
+        keys, values = (np.frombuffer(mmap.mmap(-1, int(np.prod(shape)) * np.dtype(dtype).itemsize), dtype)
+                        .reshape(shape) for shape, dtype in self.state)  # fmt: skip
         return HostCache(keys, values, (self._import(keys), self._import(values)))
 
     def run(self, tokens: np.ndarray, start: int, n_valid: int, cache: Any) -> tuple[np.ndarray, Any]:
         """tokens int32 (1, T) with T an exported size; logits float32 (V,) after the last real token."""
         self.prepare([tokens.shape[1]])
         inputs = cache.views if isinstance(cache, HostCache) else cache
-        logits, keys, values = self._calls[tokens.shape[1]](
-            *self.weights, tokens, np.int32(start), np.int32(n_valid), *inputs
-        )
+        call = self._calls[tokens.shape[1]]
+        logits, *state = call(*self.weights, tokens, np.int32(start), np.int32(n_valid), *inputs)
         if isinstance(cache, HostCache):
+            keys, values = state
             cache.keys[:, :, start : start + n_valid] = keys.to_host()[:, :, :n_valid]
             cache.values[:, :, start : start + n_valid] = values.to_host()[:, :, :n_valid]
             return np.asarray(logits.to_host())[0], cache
-        return np.asarray(logits.to_host())[0], (keys, values)
+        return np.asarray(logits.to_host())[0], tuple(state)

@@ -46,7 +46,8 @@ def plan_chunks(n_tokens: int, capacity: int, buckets: Sequence[int]) -> list[tu
     """(start, real tokens, bucket) per prefill call: chunks of the largest bucket, each padded to the smallest
     bucket that holds it; where that padding would run past the cache, the largest bucket that fits the chunk.
 
-    Buckets are powers of two from 16 and the capacity a multiple of 16, so every call stays inside the cache.
+    Buckets are powers of two (from 16, or 4 for IREE) and the capacity a multiple of 16, so every call stays
+    inside the cache.
     """
     plan, start = [], 0
     while start < n_tokens:

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 from tokenizers import Tokenizer
 
-from hyperjax.runner.format import RunnerError
+from hyperjax.runner.format import TOKENIZER, RunnerError
 
 
 def _byte_of_char() -> dict[str, int]:
@@ -35,11 +35,12 @@ def load_tokenizer(path: Path) -> Tokenizer:
 
 class TokenBytes(Sequence[bytes]):
     """The bytes of every token id in one buffer (indexed by int id, not by slices): about 0.7 MB where a list of
-    bytes objects costs 2.5 MB."""
+    bytes objects costs 2.5 MB. blob: every token's bytes in id order; offsets int64 (n + 1,): token i is
+    blob[offsets[i]:offsets[i + 1]]."""
 
-    def __init__(self, pieces: Sequence[bytes]):
-        self._blob = b"".join(pieces)
-        self._offsets = np.cumsum([0, *map(len, pieces)], dtype=np.int64)
+    def __init__(self, blob: bytes, offsets: np.ndarray):
+        self._blob = blob
+        self._offsets = offsets
 
     def __len__(self) -> int:
         return len(self._offsets) - 1
@@ -52,16 +53,26 @@ class TokenBytes(Sequence[bytes]):
 
 
 def token_byte_table(tokenizer: Tokenizer) -> TokenBytes:
-    """bytes of every token id, 0 … vocab size − 1."""
+    """bytes of every token id, 0 … vocab size − 1 (an id without a token: empty).
+
+    Built one token at a time into one buffer: a dict of the whole vocabulary would leave megabytes of freed Python
+    objects that the allocator cannot hand back to the OS.
+    """
     byte_of = _byte_of_char()
     added = {i: token.content for i, token in tokenizer.get_added_tokens_decoder().items()}
-    table = [b""] * tokenizer.get_vocab_size(with_added_tokens=True)
-    for token, i in tokenizer.get_vocab(with_added_tokens=True).items():
+    size = tokenizer.get_vocab_size(with_added_tokens=True)
+    blob, offsets = bytearray(), np.zeros(size + 1, np.int64)
+    for i in range(size):
         if i in added:
-            table[i] = added[i].encode()
-        else:
-            table[i] = b"".join(bytes((byte_of[ch],)) if ch in byte_of else ch.encode() for ch in token)
-    return TokenBytes(table)
+            blob += added[i].encode()
+        elif (token := tokenizer.id_to_token(i)) is not None:
+            for ch in token:
+                if ch in byte_of:
+                    blob.append(byte_of[ch])
+                else:
+                    blob += ch.encode()
+        offsets[i + 1] = len(blob)
+    return TokenBytes(bytes(blob), offsets)
 
 
 def release_freed_memory() -> None:
@@ -74,13 +85,33 @@ def release_freed_memory() -> None:
         ctypes.CDLL(None).malloc_trim(0)
 
 
-def encode(tokenizer: Tokenizer, text: str) -> list[int]:
-    """Token ids of `text`, special tokens such as `<|im_start|>` parsed, nothing added (as the library encodes)."""
+def utf8(text: str) -> bytes:
+    """The UTF-8 bytes of `text`; a RunnerError for text that has none (a lone surrogate)."""
     try:
-        text.encode("utf-8")
+        return text.encode("utf-8")
     except UnicodeEncodeError as exc:
         raise RunnerError(f"the prompt is not valid Unicode (lone surrogate at {exc.start})") from None
+
+
+def encode(tokenizer: Tokenizer, text: str) -> list[int]:
+    """Token ids of `text`, special tokens such as `<|im_start|>` parsed, nothing added (as the library encodes)."""
+    utf8(text)
     return tokenizer.encode(text, add_special_tokens=False).ids
+
+
+BYTE_TOKENS = TokenBytes(bytes(range(256)), np.arange(257, dtype=np.int64))  # a byte model's vocabulary
+
+
+def prompt_tokens(directory: Path, info: dict, text: str) -> tuple[list[int], TokenBytes]:
+    """The prompt's token ids and every token's bytes, for the export's tokenizer (manifest `tokenizer`): "bytes" (a
+    byte model: the UTF-8 bytes are the tokens) or the `tokenizer.json` it names, released before returning."""
+    if info.get("kind") == "bytes":
+        return list(utf8(text)), BYTE_TOKENS
+    tokenizer = load_tokenizer(Path(directory) / info.get("file", TOKENIZER))
+    ids, table = encode(tokenizer, text), token_byte_table(tokenizer)
+    del tokenizer
+    release_freed_memory()
+    return ids, table
 
 
 def render_chat(template: str, user_text: str, bos: str, eos: str) -> str:

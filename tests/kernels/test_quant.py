@@ -17,6 +17,7 @@ from hyperjax.errors import QuantizationError
 from hyperjax.kernels.quant import (
     GROUP_SIZES,
     KINDS,
+    REDUCE_MAX_ROWS,
     QuantizedTensor,
     dequantize,
     from_gguf_blocks,
@@ -188,19 +189,19 @@ def test_qmatmul_matches_dequantized_matmul(kind, batch):
     st.sampled_from(KINDS), st.sampled_from(GROUP_SIZES), st.integers(1, 9), st.integers(1, 3), st.integers(0, 2**30)
 )
 def test_reduce_formulation_matches_dequantized_matmul(kind, group, rows, nblocks, seed):
-    """The IREE-friendly multiply-reduce (one activation row) computes the same product as the default dot."""
+    """The IREE-friendly multiply-reduce (a few activation rows) computes the same product as the default dot."""
     cols = group * nblocks
     qt = dataclasses.replace(quantize(_weights(seed, rows, cols, offset=0.3), kind, group), matmul="reduce")
-    x = jnp.asarray(_weights(seed + 1, 1, cols))
+    x = jnp.asarray(_weights(seed + 1, REDUCE_MAX_ROWS, cols))
     y = jax.jit(qmatmul)(x, qt)
     expected = np.asarray(x, np.float64) @ np.asarray(dequantize(qt), np.float64).T
-    assert y.shape == (1, rows) and y.dtype == jnp.float32
+    assert y.shape == (REDUCE_MAX_ROWS, rows) and y.dtype == jnp.float32
     np.testing.assert_allclose(np.asarray(y), expected, rtol=1e-5, atol=1e-5 * np.abs(expected).max())
 
 
 def test_reduce_formulation_writes_no_float_weight_and_keeps_the_dot_for_batches():
     qt = quantize(_weights(0, 64, 256), "q8_0", 32)
-    one, many = jnp.zeros((1, 256)), jnp.zeros((8, 256))
+    one, many = jnp.zeros((1, 256)), jnp.zeros((REDUCE_MAX_ROWS + 1, 256))
     assert "dot_general" in str(jax.make_jaxpr(qmatmul)(one, qt))  # the default
     reduce = dataclasses.replace(qt, matmul="reduce")
     reduce_one = str(jax.make_jaxpr(qmatmul)(one, reduce))  # a new trace: `matmul` is static
