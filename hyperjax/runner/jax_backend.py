@@ -2,9 +2,8 @@
 
 Weights reach the device through `jax.device_put` of the memory-mapped views, which on the CPU aliases the file's
 pages (64-byte aligned) instead of copying them. The state (KV cache or carries) is donated to each call and updated
-in place.
-Executables go to XLA's persistent cache ($HYPERJAX_XLA_CACHE, default $HYPERJAX_HOME/xla-cache, as the library),
-so a second start skips compilation.
+in place. Executables go to XLA's persistent cache ($HYPERJAX_XLA_CACHE, default $HYPERJAX_HOME/xla-cache, as the
+library), so a second start skips compilation.
 """
 
 from __future__ import annotations
