@@ -207,12 +207,18 @@ def export_command(
         int | None, typer.Option(help="KV cache capacity, prompt plus output (default min(1024, model's)).")
     ] = None,
     target: Annotated[str, typer.Option(help="jax (jax.export) or iree (compiled .vmfb for this CPU).")] = "jax",
+    max_bucket: Annotated[
+        int | None,
+        typer.Option(help="Largest prefill chunk, 16…256 (default 256; 32 for iree): smaller lowers peak memory."),
+    ] = None,
 ) -> None:
     """Export MODEL for the lean runner `hyperjax-run`: functions, weights, tokenizer, manifest."""
     from hyperjax.export import export_model
 
     names = [p.strip() for p in platforms.split(",") if p.strip()]
-    export_model(model, out, platforms=names, max_context=max_context, target=target, log=err.print)
+    export_model(
+        model, out, platforms=names, max_context=max_context, target=target, max_bucket=max_bucket, log=err.print
+    )
     typer.echo(out)
 
 

@@ -256,6 +256,15 @@ def test_export_command_writes_a_directory_or_one_error_line(tiny_llama_gguf, tm
     proc = export_cli("--max-context", "100")
     assert proc.returncode == 1 and proc.stderr.startswith("error: ") and "Traceback" not in proc.stderr
     assert "max context must be a multiple of 16" in proc.stderr
+    proc = export_cli("--max-bucket", "48")
+    assert proc.returncode == 1 and "max bucket must be a power of two" in proc.stderr
+
+
+def test_smaller_prefill_chunks_give_the_same_tokens(tiny_llama_gguf, tiny_model, tmp_path):
+    out = tmp_path / "small-chunks"
+    assert export_model(tiny_llama_gguf, out, max_context=512, max_bucket=32)["buckets"] == [16, 32]
+    stats, _ = run_driver(out, tmp_path, LONG_PROMPT, "--temperature", "0", "-n", "8")
+    assert stats["prompt_tokens"] > 256 and stats["token_ids"] == library_greedy(tiny_model, LONG_PROMPT, 8)
 
 
 def test_iree_runner_greedy_equals_library_without_jax(tiny_llama_gguf, tiny_model, tmp_path):
@@ -271,7 +280,7 @@ def test_iree_runner_greedy_equals_library_without_jax(tiny_llama_gguf, tiny_mod
     assert "iree.runtime" in modules and forbidden_in(modules, extra=("jax", "jaxlib")) == []
     # Every weight page is read through the one mapping of the file.
     assert stats["weights_resident_bytes"] == pytest.approx(stats["weights_file_bytes"], abs=mmap.PAGESIZE)
-    assert manifest["buckets"][0] == 4  # a short prompt: one multiply-reduce call of 4 rows
+    assert manifest["buckets"] == [4, 8, 16, 32]  # a short prompt: one multiply-reduce call of 4 rows
     stats, _ = run_driver(out, tmp_path, "hi", "--temperature", "0", "-n", "8")
     assert stats["prompt_tokens"] <= 4 and stats["token_ids"] == library_greedy(tiny_model, "hi", 8)
 
